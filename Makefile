@@ -1,0 +1,45 @@
+# Every set-up step lives here, so `make run` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.herd-installed
+LLAMACPP := $(VENV)/.llamacpp-installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup model run test test-all bench finetune-demo clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The pinned CPU torch goes in first: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): $(VENV)/bin/python pyproject.toml $(wildcard setup.py)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+# llama.cpp's Python binding is a reference in tests and a peer in benchmarks; pip builds it from source
+# with the machine's gcc (about 5 minutes once, then cached by pip).
+$(LLAMACPP): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q 'llama-cpp-python==0.3.36'
+	touch $@
+
+setup: $(STAMP)
+
+model: $(STAMP)
+	$(PY) -m herd pull smollm2-135m-instruct
+
+run: model
+	$(PY) -m herd chat
+
+test: model $(LLAMACPP)
+	$(PY) -m pytest -q
+
+test-all: model $(LLAMACPP)
+	$(PY) -m pytest -q -m ""
+
+bench: model $(LLAMACPP)
+	$(PY) benchmarks/bench_cpu.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,215 @@
+"""`herd ...`: a thin shell over the library. Each command parses arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from herd.errors import HerdError
+
+
+def _sampling(args) -> dict:
+    kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+              min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if getattr(args, "stop", None):
+        kw["stop"] = args.stop
+    return kw
+
+
+def _add_model(p, positional=False):
+    if positional:
+        p.add_argument("model", nargs="?", default=None, help="checkpoint path or catalog name (default model if omitted)")
+    else:
+        p.add_argument("--model", "-m", default=None, help="checkpoint path or catalog name (default: the default model)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's; GGUF -> float32)")
+
+
+def _add_sampling(p):
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def _set_threads(args):
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def cmd_generate(args):
+    from herd.api import load
+
+    _set_threads(args)
+    llm = load(args.model, args.dtype)
+    if args.json:
+        c = llm.generate(args.prompt, raw=args.raw, **_sampling(args))
+        print(json.dumps({"prompt_ids": c.prompt_ids, "output_ids": c.output_ids, "text": c.text,
+                          "finish_reason": c.finish_reason}, ensure_ascii=False))
+        return
+    for piece in llm.stream(args.prompt, raw=args.raw, **_sampling(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args):
+    from herd.api import load
+    from herd.chat import run_chat
+
+    _set_threads(args)
+    llm = load(args.model, args.dtype)
+    run_chat(llm, system=args.system, sampling=_sampling(args), stdin=sys.stdin, stdout=sys.stdout)
+
+
+def cmd_tokenize(args):
+    from herd.api import load_tokenizer_only
+
+    tok = load_tokenizer_only(args.model)
+    ids = tok.encode(args.text, bos=args.bos, allow_special=args.special)
+    if args.json:
+        print(json.dumps({"ids": ids, "tokens": [tok.id_to_token(i) for i in ids]}, ensure_ascii=False))
+    else:
+        print(" ".join(map(str, ids)))
+
+
+def cmd_info(args):
+    from herd.formats import load_checkpoint
+    from herd.hub import resolve
+
+    ckpt = load_checkpoint(resolve(args.model), keep_quantized=True, with_tokenizer=False)
+    total, active = ckpt.config.param_counts()
+    info = {"path": str(ckpt.path), "format": ckpt.format, "params": total, "active_params": active,
+            "config": ckpt.config.to_dict()}
+    print(json.dumps(info, indent=2, default=str))
+
+
+def cmd_models(args):
+    from herd.config import PRESETS
+
+    rows = []
+    for name, cfg in PRESETS.items():
+        total, active = cfg.param_counts()
+        rows.append((name, total, active, cfg))
+    if args.json:
+        print(json.dumps([{"name": n, "params": t, "active_params": a, "config": c.to_dict()}
+                          for n, t, a, c in rows], indent=2, default=str))
+        return
+    print(f"{'preset':<22}{'params':>10}{'active':>10}  layers  dim    heads kv  ffn    vocab   context")
+    for n, t, a, c in rows:
+        print(f"{n:<22}{t / 1e9:>9.2f}B{a / 1e9:>9.2f}B  {c.n_layers:<7} {c.dim:<6} {c.n_heads:<5} {c.n_kv_heads:<3} "
+              f"{c.ffn_dim:<6} {c.vocab_size:<7} {c.max_seq_len}")
+
+
+def cmd_convert(args):
+    from herd.convert import convert
+
+    out = convert(args.src, args.out, to=args.to, quant=args.quant, dtype=args.dtype, shards=args.shards)
+    print(f"wrote {out}")
+
+
+def cmd_pull(args):
+    from herd.hub import pull
+
+    print(pull(args.name))
+
+
+def cmd_list(args):
+    from herd.hub import list_models
+
+    models = list_models()
+    if args.json:
+        print(json.dumps(models, indent=2, default=str))
+        return
+    if not models:
+        print("no models pulled yet: try `herd pull smollm2-135m-instruct`")
+    for m in models:
+        print(f"{m['name']:<32} {m.get('size', 0) / 1e6:>9.1f} MB  {m['path']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="herd", description="Run, convert, serve and fine-tune Llama models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete one prompt")
+    _add_model(p)
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--raw", action="store_true", help="no chat template: complete the text as it is")
+    p.add_argument("--json", action="store_true", help="print {prompt_ids, output_ids, text}")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat (one answer when stdin is not a terminal)")
+    _add_model(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat, max_tokens=512)
+
+    p = sub.add_parser("tokenize", help="text -> token ids")
+    _add_model(p)
+    p.add_argument("text")
+    p.add_argument("--bos", action="store_true", help="prepend BOS")
+    p.add_argument("--special", action="store_true", help="read special-token text as special tokens")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("info", help="print a checkpoint's config")
+    p.add_argument("model", nargs="?", default=None)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list the presets of every official size")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("convert", help="convert a checkpoint to HF, Meta or GGUF")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--to", choices=["hf", "meta", "gguf"], required=True)
+    p.add_argument("--quant", default=None, help="GGUF: f32, f16, bf16, q8_0, q4_0, q4_1")
+    p.add_argument("--dtype", default=None, help="HF/Meta: float32 or bfloat16 (default: the source's)")
+    p.add_argument("--shards", type=int, default=1, help="Meta: model-parallel shards to write")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("pull", help="fetch a model from the catalog (or a Hugging Face repo id)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("list", help="models pulled into the cache")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    for extra in ("herd.server.cli", "herd.bench_cli", "herd.train.cli", "herd.quant.cli"):
+        try:
+            mod = __import__(extra, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != extra:
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except HerdError as e:
+        print(f"herd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Prefill + decode over a preallocated KV cache, for a batch of prompts of different lengths.
+
+Each sequence is prefilled alone into its own cache row (no padding, true positions), then all live rows decode
+together, one token per step, each at its own position. A finished row leaves the batch at once. Text is streamed
+as complete UTF-8 characters only, with stop strings held back until they can no longer match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from herd.engine.kv_cache import KVCache
+from herd.errors import GenerationError
+from herd.ops.sampling import SamplingParams, pick_token, token_logprobs
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """What one prompt produced."""
+
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (stop token or string), "length"
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """One step of streaming: the new text of sequence `index` (possibly empty) and the token behind it."""
+
+    index: int
+    text: str
+    token: int | None
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None
+
+
+def utf8_complete_prefix(data: bytes) -> int:
+    """Length of the longest prefix of data that does not end inside a multi-byte UTF-8 character."""
+    n = len(data)
+    for back in range(1, min(4, n) + 1):
+        b = data[n - back]
+        if b & 0b1100_0000 == 0b1000_0000:  # continuation byte: keep looking for the lead byte
+            continue
+        need = 1 if b < 0x80 else 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
+        return n if back >= need else n - back
+    return n  # only continuation bytes (invalid): emit them, they decode to U+FFFD
+
+
+class _Seq:
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, tokenizer, stop_ids: frozenset[int],
+                 max_new: int):
+        self.index, self.prompt, self.p, self.tok = index, prompt, params, tokenizer
+        self.generator = params.make_generator()
+        self.stop_ids = frozenset() if params.ignore_eos else stop_ids | frozenset(params.stop_token_ids)
+        self.max_new = max_new
+        self.out: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.text = ""  # final text so far (stop strings removed)
+        self.emitted = 0  # characters of self.text already streamed
+        self.finish: str | None = None
+        self.hold = max((len(s) for s in params.stop), default=0)
+
+    def add(self, token: int, logits: torch.Tensor) -> Delta:
+        lp = None
+        if self.p.logprobs is not None:
+            value, top = token_logprobs(logits, token, self.p.logprobs)
+            lp = TokenLogprob(token, value, top)
+            self.logprobs.append(lp)
+        if token in self.stop_ids:
+            self.finish = "stop"
+        else:
+            self.out.append(token)
+            if len(self.out) >= self.max_new:
+                self.finish = "length"
+        return Delta(self.index, self._new_text(), token, lp, self.finish)
+
+    def _new_text(self) -> str:
+        if self.tok is None:
+            return ""
+        data = self.tok.decode_bytes(self.out)
+        if self.finish is None:
+            data = data[:utf8_complete_prefix(data)]
+        text = data.decode("utf-8", errors="replace")
+        cut = len(text)
+        for s in self.p.stop:
+            at = text.find(s, max(0, self.emitted - len(s)))
+            if at != -1 and at < cut:
+                cut = at
+        if cut < len(text):
+            text, self.finish = text[:cut], "stop"
+        self.text = text
+        # hold back a tail that could still grow into a stop string
+        upto = len(text) if self.finish else max(self.emitted, len(text) - max(self.hold - 1, 0))
+        piece, self.emitted = text[self.emitted:upto], max(self.emitted, upto)
+        return piece
+
+    def result(self) -> Completion:
+        return Completion(self.prompt, list(self.out), self.text, self.finish, self.logprobs)
+
+
+class BatchRun:
+    """Generation for a batch of prompts: validated on construction, iterate for Deltas, then completions()."""
+
+    def __init__(self, model, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 tokenizer=None, stop_ids: frozenset[int] = frozenset()):
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise GenerationError(f"{len(prompts)} prompts but {len(params)} sampling settings")
+        self.model = model
+        ctx = model.config.max_seq_len
+        self.seqs: list[_Seq] = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            p.validate()
+            prompt = [int(t) for t in prompt]
+            if not prompt:
+                raise GenerationError(f"prompt {i} is empty: at least one token is needed")
+            if len(prompt) >= ctx:
+                raise GenerationError(f"prompt {i} has {len(prompt)} tokens; the context holds {ctx} "
+                                      f"(prompt plus at least one new token)")
+            bad = [t for t in prompt if not 0 <= t < model.config.vocab_size]
+            if bad:
+                raise GenerationError(f"prompt {i} has token ids outside the vocabulary: {bad[:5]}")
+            self.seqs.append(_Seq(i, prompt, p, tokenizer, frozenset(stop_ids), min(p.max_tokens, ctx - len(prompt))))
+
+    def completions(self) -> list[Completion]:
+        return [s.result() for s in self.seqs]
+
+    def __iter__(self) -> Iterator[Delta]:
+        model = self.model
+        live = [s for s in self.seqs if s.max_new > 0]
+        for s in self.seqs:
+            if s.max_new == 0:
+                s.finish = "length"
+                yield Delta(s.index, "", None, None, "length")
+        if not live:
+            return
+        max_len = max(len(s.prompt) + s.max_new for s in live)
+        dtype = model.tok_embeddings.weight.dtype
+        device = model.tok_embeddings.weight.device
+        cache = KVCache(model.config, batch=len(live), max_len=max_len, dtype=dtype, device=device)
+        row = {id(s): r for r, s in enumerate(live)}
+        with torch.inference_mode():
+            for s in live:  # prefill each prompt alone into its own row
+                ids = torch.tensor([s.prompt], device=device)
+                pos = torch.arange(len(s.prompt), device=device)
+                logits = model(ids, pos, cache.rows(row[id(s)]), last_only=True)[0, -1]
+                yield s.add(pick_token(logits, s.p, s.generator, s.prompt), logits)
+            while True:
+                live = [s for s in live if s.finish is None]
+                if not live:
+                    return
+                tokens = torch.tensor([[s.out[-1]] for s in live], device=device)
+                pos = torch.tensor([[len(s.prompt) + len(s.out) - 1] for s in live], device=device)
+                rows = None if len(live) == cache.batch else torch.tensor([row[id(s)] for s in live], device=device)
+                logits = model(tokens, pos, cache, cache_rows=rows)[:, -1]
+                for s, lg in zip(live, logits):
+                    yield s.add(pick_token(lg, s.p, s.generator, s.prompt + s.out), lg)
+
+
+def generate_batch(model, prompts, params, tokenizer=None, stop_ids=frozenset()) -> list[Completion]:
+    """Generate for every prompt to the end; one Completion per prompt."""
+    run = BatchRun(model, prompts, params, tokenizer, stop_ids)
+    for _ in run:
+        pass
+    return run.completions()

@@ -1,0 +1,279 @@
+"""Hugging Face checkpoints: config.json + model.safetensors (or a sharded index), read and written (SPEC.md §3)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from herd.config import ModelConfig, RopeScaling
+from herd.errors import ConfigError, FormatError
+from herd.formats import keymaps
+
+# config.json keys that do not change the math of a Llama forward pass.
+IGNORED_KEYS = {
+    "architectures", "model_type", "initializer_range", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id",
+    "pretraining_tp", "attention_dropout", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+    "output_attentions", "output_hidden_states", "return_dict", "tie_encoder_decoder", "is_encoder_decoder",
+    "chunk_size_feed_forward", "add_cross_attention", "tokenizer_class", "prefix", "sep_token_id",
+    "decoder_start_token_id", "task_specific_params", "problem_type", "id2label", "label2id", "finetuning_task",
+    "quantization_config_ignored", "cross_attention_hidden_size", "torchscript", "use_bfloat16", "tf_legacy_loss",
+    "pruned_heads", "is_decoder", "num_labels", "max_length", "bad_words_ids", "begin_suppress_tokens",
+}
+USED_KEYS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias",
+}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _rope_scaling(d: dict | None, where: str) -> RopeScaling | None:
+    if not d:
+        return None
+    kind = d.get("rope_type", d.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ConfigError(f"{where}: rope scaling type {kind!r} is not supported (herd knows 'llama3')")
+    try:
+        return RopeScaling(
+            factor=float(d["factor"]), low_freq_factor=float(d.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(d.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(d.get("original_max_position_embeddings", 8192)),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{where}: rope scaling is missing key {e}") from None
+
+
+def guess_family(vocab_size: int, scaling: RopeScaling | None) -> str:
+    if vocab_size == 128256:
+        if scaling is None:
+            return "llama3"
+        return "llama3.2" if scaling.factor == 32 else "llama3.1"
+    if vocab_size == 32000:
+        return "llama2"
+    return "llama"
+
+
+def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
+    """HF LlamaConfig dict -> ModelConfig. Unknown keys are an error naming them."""
+    model_type = cfg.get("model_type", "llama")
+    if model_type != "llama":
+        raise ConfigError(f"{where}: model_type {model_type!r} is not a Llama text model (expected 'llama')")
+    unknown = sorted(set(cfg) - IGNORED_KEYS - USED_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown config keys {unknown}")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise ConfigError(f"{where}: {flag}=true is not a Llama architecture (Llama has no biases)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (Llama uses 'silu')")
+    rope = cfg.get("rope_parameters") or {}
+    scaling_src = cfg.get("rope_scaling") or rope
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    try:
+        n_heads = cfg["num_attention_heads"]
+        dim = cfg["hidden_size"]
+        scaling = _rope_scaling(scaling_src, where)
+        head_dim = cfg.get("head_dim")
+        return ModelConfig(
+            dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
+            ffn_dim=cfg["intermediate_size"], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta), rope_scaling=scaling,
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            head_dim_override=head_dim if head_dim not in (None, dim // n_heads) else None,
+            family=guess_family(cfg["vocab_size"], scaling),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{where}: required key {e} is missing") from None
+    except TypeError as e:
+        raise ConfigError(f"{where}: a value has the wrong type ({e})") from None
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype, bos_id: int | None = None,
+                 eos_id: int | list[int] | None = None) -> dict:
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
+        "hidden_size": config.dim, "intermediate_size": config.ffn_dim, "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                               "high_freq_factor": s.high_freq_factor,
+                               "original_max_position_embeddings": s.original_max_position_embeddings}
+    if bos_id is not None:
+        cfg["bos_token_id"] = bos_id
+    if eos_id is not None:
+        cfg["eos_token_id"] = eos_id
+    return cfg
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FormatError(f"{index}: no weight_map")
+        files = sorted({folder / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise FormatError(f"{index}: names shard {f.name}, which is missing")
+        return files
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    others = sorted(folder.glob("*.safetensors"))
+    if others:
+        return others
+    raise FormatError(f"{folder}: no model.safetensors, sharded index or *.safetensors file")
+
+
+def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint by their HF names (memory-mapped by safetensors)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in _weight_files(folder):
+        try:
+            with safe_open(f, framework="pt") as sf:
+                for name in sf.keys():
+                    out[name] = sf.get_tensor(name)
+        except SafetensorError as e:
+            raise FormatError(f"{f}: not a readable safetensors file ({e})") from None
+        except OSError as e:
+            raise FormatError(f"{f}: cannot be read ({e})") from None
+    return out
+
+
+def hf_to_herd_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, where: str) -> dict:
+    sd = {}
+    for name, t in tensors.items():
+        if keymaps.HF_IGNORED.fullmatch(name):
+            continue
+        herd_name = keymaps.hf_to_herd_name(name)
+        if herd_name is None:
+            raise FormatError(f"{where}: unexpected tensor {name!r} for a Llama model")
+        if herd_name.endswith("attention.wq.weight"):
+            t = keymaps.permute_hf_to_meta(t, config.n_heads)
+        elif herd_name.endswith("attention.wk.weight"):
+            t = keymaps.permute_hf_to_meta(t, config.n_kv_heads)
+        sd[herd_name] = t
+    if config.tie_embeddings:
+        sd.pop("output.weight", None)
+    return sd
+
+
+def load_hf(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read an HF Llama folder: (config, state dict in herd names, q/k in Meta order)."""
+    folder = Path(folder)
+    config = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+    sd = hf_to_herd_state_dict(read_hf_tensors(folder), config, str(folder))
+    _check_shapes(sd, config, str(folder))
+    if dtype is not None:
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    return config, sd
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor a dense Llama checkpoint holds, by herd name."""
+    D, hd, V = config.dim, config.head_dim, config.vocab_size
+    shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,)}
+    if not config.tie_embeddings:
+        shapes["output.weight"] = (V, D)
+    for i in range(config.n_layers):
+        F_ = config.layer_ffn_dim(i)
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (config.n_heads * hd, D), p + "attention.wk.weight": (config.n_kv_heads * hd, D),
+            p + "attention.wv.weight": (config.n_kv_heads * hd, D), p + "attention.wo.weight": (D, config.n_heads * hd),
+            p + "feed_forward.w1.weight": (F_, D), p + "feed_forward.w3.weight": (F_, D),
+            p + "feed_forward.w2.weight": (D, F_), p + "attention_norm.weight": (D,), p + "ffn_norm.weight": (D,),
+        })
+    return shapes
+
+
+def _check_shapes(sd: dict, config: ModelConfig, where: str) -> None:
+    if config.moe is not None:
+        return  # the model's own loader checks MoE layouts
+    shapes = expected_shapes(config)
+    missing = sorted(set(shapes) - set(sd))
+    if missing:
+        raise FormatError(f"{where}: missing tensors {missing[:6]}{'...' if len(missing) > 6 else ''}")
+    for name, shape in shapes.items():
+        if tuple(sd[name].shape) != shape:
+            raise FormatError(f"{where}: tensor {name} has shape {tuple(sd[name].shape)}, config expects {shape}")
+
+
+def save_hf(folder: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
+            max_shard_bytes: int = 5 * 2**30, bos_id=None, eos_id=None) -> None:
+    """Write config.json + model.safetensors (sharded with an index past max_shard_bytes)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_sd: dict[str, torch.Tensor] = {}
+    for name, t in state_dict.items():
+        if name == "output.weight" and config.tie_embeddings:
+            continue
+        if name.endswith("attention.wq.weight"):
+            t = keymaps.permute_meta_to_hf(t, config.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = keymaps.permute_meta_to_hf(t, config.n_kv_heads)
+        hf_name = keymaps.herd_to_hf_name(name)
+        if hf_name is None:
+            raise FormatError(f"tensor {name} has no Hugging Face name")
+        hf_sd[hf_name] = t.contiguous()
+    dtype = next(iter(hf_sd.values())).dtype
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(hf_sd):
+        nbytes = hf_sd[name].numel() * hf_sd[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = hf_sd[name]
+        size += nbytes
+    if len(shards) == 1:
+        _atomic_save(shards[0], folder / "model.safetensors")
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards):
+            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save(shard, folder / fname)
+            weight_map.update({n: fname for n in shard})
+        total = sum(t.numel() * t.element_size() for t in hf_sd.values())
+        _atomic_write_text(folder / "model.safetensors.index.json",
+                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    _atomic_write_text(folder / "config.json", json.dumps(config_to_hf(config, dtype, bos_id, eos_id), indent=2))
+
+
+def _atomic_save(tensors: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
