@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -15,7 +16,8 @@ from herd.formats import keymaps
 from herd.formats.hf import _check_shapes
 
 PARAMS_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-               "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "max_batch_size"}
+               "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "max_batch_size",
+               "rope_scaling"}  # rope_scaling: herd's extension for scalings that use_scaled_rope cannot say
 # Meta's own Llama 3.2 1B/3B params.json do not state the rope factor; their (dim, n_layers) identify them and
 # the right factor is 32, as in the HF configs (SPEC.md §1, llama-models#166).
 _LLAMA_3_2_SMALL = {(2048, 16), (3072, 28)}
@@ -40,7 +42,12 @@ def config_from_params(params: dict, where: str, state_shapes: dict[str, tuple] 
     ffn = ffn_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
     llama3 = "rope_theta" in params or vocab == 128256
     scaling = None
-    if params.get("use_scaled_rope"):
+    if isinstance(params.get("rope_scaling"), dict):
+        try:
+            scaling = RopeScaling(**params["rope_scaling"])
+        except TypeError as e:
+            raise ConfigError(f"{where}: bad rope_scaling ({e})") from None
+    elif params.get("use_scaled_rope"):
         scaling = RopeScaling(factor=32.0 if (dim, n_layers) in _LLAMA_3_2_SMALL else 8.0)
     tied = bool(shapes) and "output.weight" not in shapes
     if scaling is not None:
@@ -78,10 +85,9 @@ def params_from_config(config: ModelConfig) -> dict:
         raise ConfigError(f"cannot express ffn_dim {config.ffn_dim} in Meta's params.json rule")
     if config.rope_scaling is not None:
         expected = 32.0 if (config.dim, config.n_layers) in _LLAMA_3_2_SMALL else 8.0
-        if config.rope_scaling != RopeScaling(factor=expected):
-            raise ConfigError(f"Meta's params.json can only say use_scaled_rope (factor {expected} for this size), "
-                              f"not {config.rope_scaling}")
         params["use_scaled_rope"] = True
+        if config.rope_scaling != RopeScaling(factor=expected):  # not what Meta's code would infer: say it
+            params["rope_scaling"] = dataclasses.asdict(config.rope_scaling)
     return params
 
 
