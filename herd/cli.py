@@ -134,6 +134,24 @@ def cmd_list(args):
         print(f"{m['name']:<32} {m.get('size', 0) / 1e6:>9.1f} MB  {m['path']}")
 
 
+def cmd_eval_ppl(args):
+    from herd.api import load
+    from herd.evaluate import perplexity, read_text
+
+    _set_threads(args)
+    llm = load(args.model, args.dtype, keep_quantized=args.quantized)
+    ref = load(args.kl_vs, "float32") if args.kl_vs else None
+    result = perplexity(llm, read_text(args.file), ctx=args.ctx, max_chunks=args.max_chunks, ref=ref,
+                        progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+        return
+    line = f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens ({result['chunks']} x {result['ctx']})"
+    if ref is not None:
+        line += f"; KL from {args.kl_vs}: mean {result['kl_mean']:.6f}, max {result['kl_max']:.4f}"
+    print(line)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="herd", description="Run, convert, serve and fine-tune Llama models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="models pulled into the cache")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    evsub = p.add_subparsers(dest="eval_command", required=True)
+    p = evsub.add_parser("ppl", help="perplexity on a text file (default: the shipped English sample)")
+    _add_model(p)
+    p.add_argument("--file", default=None, help="UTF-8 text file (default: herd's shipped sample, ~27k tokens)")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens")
+    p.add_argument("--max-chunks", type=int, default=None)
+    p.add_argument("--kl-vs", default=None, help="reference model: report mean KL(reference || model)")
+    p.add_argument("--quantized", action="store_true", help="GGUF: keep weights quantized (fast kernels)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_ppl)
 
     for extra in ("herd.server.cli", "herd.bench_cli", "herd.train.cli", "herd.quant.cli"):
         try:
