@@ -1,0 +1,451 @@
+"""Multimodal checkpoints: Llama 3.2 Vision (Mllama) from HF or Meta folders into herd's Meta-named modules.
+
+HF layout (transformers' MllamaForConditionalGeneration, SPEC.md §6): one flattened list of text layers where the
+`cross_attention_layers` indices hold cross-attention blocks; self-attention q/k rows in rotate-half order (permuted
+back to Meta's interleaved pairs here), cross-attention q/k NOT permuted (no RoPE there); embed_tokens has V + 8 rows.
+Meta layout (`consolidated.*.pth` + params.json): separate `layers` and `cross_attention_layers` lists, tile position
+grids [max_tiles, max_tiles, ...] that are expanded here into herd's per-aspect-ratio tables.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from herd.config import ModelConfig, RopeScaling, ffn_hidden_dim
+from herd.errors import ConfigError, FormatError
+from herd.formats import keymaps
+from herd.formats.hf import _read_json, _rope_scaling, read_hf_tensors
+from herd.models.mllama import IMAGE_TOKEN_ID, Mllama, MllamaConfig, fusion_schedule
+from herd.models.vision import MllamaVisionConfig
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+
+_TEXT_IGNORED = {
+    "model_type", "initializer_range", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "dropout",
+    "hidden_act", "torch_dtype", "dtype", "tie_word_embeddings", "_name_or_path", "architectures",
+    "output_attentions", "output_hidden_states", "return_dict", "transformers_version", "is_decoder",
+    "add_cross_attention", "tie_encoder_decoder", "chunk_size_feed_forward", "id2label", "label2id",
+}
+_TEXT_USED = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size", "rope_parameters", "rope_theta", "rope_scaling", "rms_norm_eps",
+              "max_position_embeddings", "cross_attention_layers", "head_dim"}
+_VISION_USED = {"hidden_size", "num_hidden_layers", "num_global_layers", "attention_heads", "num_attention_heads",
+                "num_channels", "intermediate_size", "vision_output_dim", "image_size", "patch_size", "norm_eps",
+                "max_num_tiles", "intermediate_layers_indices", "supported_aspect_ratios", "hidden_act"}
+_TOP_USED = {"text_config", "vision_config", "image_token_index", "image_token_id"}
+
+
+def _check_keys(d: dict, used: set, where: str) -> None:
+    unknown = sorted(set(d) - used - _TEXT_IGNORED)
+    if unknown:
+        raise ConfigError(f"{where}: unknown config keys {unknown}")
+
+
+def config_from_hf(cfg: dict, where: str = "config.json") -> MllamaConfig:
+    """HF MllamaConfig dict -> MllamaConfig. Unknown keys are an error naming them."""
+    if cfg.get("model_type") != "mllama":
+        raise ConfigError(f"{where}: model_type {cfg.get('model_type')!r} is not 'mllama'")
+    _check_keys(cfg, _TOP_USED, where)
+    t, v = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
+    _check_keys(t, _TEXT_USED, where + " text_config")
+    _check_keys(v, _VISION_USED, where + " vision_config")
+    if t.get("hidden_act", "silu") != "silu" or v.get("hidden_act", "gelu") != "gelu":
+        raise ConfigError(f"{where}: Mllama uses silu (text) and gelu (vision) activations")
+    try:
+        rope = t.get("rope_parameters") or {}
+        scaling = _rope_scaling(t.get("rope_scaling") or rope, where)
+        theta = float(t.get("rope_theta", rope.get("rope_theta", 500000.0)))
+        cross = [int(i) for i in t.get("cross_attention_layers", [3, 8, 13, 18, 23, 28, 33, 38])]
+        total = int(t.get("num_hidden_layers", 40))
+        if sorted(set(cross)) != cross or (cross and (cross[0] < 0 or cross[-1] >= total)):
+            raise ConfigError(f"{where}: cross_attention_layers {cross} must be increasing indices below "
+                              f"num_hidden_layers ({total})")
+        # cross block at flattened index j runs before the self-attention layer that follows it
+        before = tuple(j - k for k, j in enumerate(cross))
+        n_heads = int(t.get("num_attention_heads", 32))
+        dim = int(t.get("hidden_size", 4096))
+        head_dim = t.get("head_dim")
+        if head_dim not in (None, dim // n_heads):
+            raise ConfigError(f"{where}: head_dim {head_dim} != hidden_size / num_attention_heads")
+        text = ModelConfig(
+            dim=dim, n_layers=total - len(cross), n_heads=n_heads,
+            n_kv_heads=int(t.get("num_key_value_heads", 8)), vocab_size=int(t.get("vocab_size", 128256)),
+            ffn_dim=int(t.get("intermediate_size", 14336)), norm_eps=float(t.get("rms_norm_eps", 1e-5)),
+            rope_theta=theta, rope_scaling=scaling, max_seq_len=int(t.get("max_position_embeddings", 131072)),
+            family="llama3.2-vision",
+        )
+        heads = int(v.get("attention_heads", v.get("num_attention_heads", 16)))
+        ratios = v.get("supported_aspect_ratios")
+        vision = MllamaVisionConfig(
+            image_size=int(v.get("image_size", 448)), patch_size=int(v.get("patch_size", 14)),
+            dim=int(v.get("hidden_size", 1280)), n_layers=int(v.get("num_hidden_layers", 32)),
+            n_global_layers=int(v.get("num_global_layers", 8)), n_heads=heads,
+            ffn_dim=int(v.get("intermediate_size", 5120)), max_num_tiles=int(v.get("max_num_tiles", 4)),
+            norm_eps=float(v.get("norm_eps", 1e-5)),
+            intermediate_layers=tuple(int(i) for i in v.get("intermediate_layers_indices", [3, 7, 15, 23, 30])),
+            num_channels=int(v.get("num_channels", 3)),
+            aspect_ratios=tuple(tuple(int(x) for x in a) for a in ratios) if ratios else None,
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: a value has the wrong type ({e})") from None
+    if "vision_output_dim" in v and int(v["vision_output_dim"]) != vision.output_dim:
+        raise ConfigError(f"{where}: vision_output_dim {v['vision_output_dim']} != hidden_size x "
+                          f"(1 + {len(vision.intermediate_layers)} intermediate layers) = {vision.output_dim}")
+    if any(i >= vision.n_layers for i in vision.intermediate_layers):
+        raise ConfigError(f"{where}: intermediate_layers_indices {list(vision.intermediate_layers)} exceed "
+                          f"num_hidden_layers {vision.n_layers}")
+    image_token = int(cfg.get("image_token_index", cfg.get("image_token_id", IMAGE_TOKEN_ID)))
+    return MllamaConfig(text=text, vision=vision, xattn_before=before, image_token_id=image_token,
+                        zero_unmasked_rows=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF tensors -> herd names
+
+_VISION_BLOCK = {
+    "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
+    "self_attn.o_proj": "attn.wo", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    "input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
+}
+_VISION_TOP = {
+    "class_embedding": "class_embedding",
+    "gated_positional_embedding.embedding": "positional_embedding",
+    "gated_positional_embedding.tile_embedding.weight": "gated_positional_embedding",
+    "gated_positional_embedding.gate": "gated_positional_embedding_gate",
+    "pre_tile_positional_embedding.embedding.weight": "pre_tile_pos_embed.embedding",
+    "pre_tile_positional_embedding.gate": "pre_tile_pos_embed.gate",
+    "post_tile_positional_embedding.embedding.weight": "post_tile_pos_embed.embedding",
+    "post_tile_positional_embedding.gate": "post_tile_pos_embed.gate",
+    "layernorm_pre.weight": "ln_pre.weight", "layernorm_pre.bias": "ln_pre.bias",
+    "layernorm_post.weight": "ln_post.weight", "layernorm_post.bias": "ln_post.bias",
+    "patch_embedding.weight": "conv1._linear.weight",
+}
+_CROSS = {
+    "cross_attn.q_proj.weight": "attention.wq.weight", "cross_attn.k_proj.weight": "attention.wk.weight",
+    "cross_attn.v_proj.weight": "attention.wv.weight", "cross_attn.o_proj.weight": "attention.wo.weight",
+    "cross_attn.q_norm.weight": "attention.q_norm.weight", "cross_attn.k_norm.weight": "attention.k_norm.weight",
+    "cross_attn_attn_gate": "gate_attn", "cross_attn_mlp_gate": "gate_ffwd",
+    "input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+}
+# transformers 5 module paths (model.language_model...) and the saved ones (language_model.model...)
+_PREFIXES = [("model.language_model.", "language_model.model."), ("model.vision_model.", "vision_model."),
+             ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")]
+
+
+def hf_to_herd_state_dict(tensors: dict[str, torch.Tensor], config: MllamaConfig, where: str) -> dict:
+    """HF Mllama tensor names -> herd (Meta) names, self-attention q/k permuted to interleaved pairs."""
+    t = config.text
+    cross_index = {j + k: k for k, j in enumerate(config.xattn_before)}  # flattened HF index -> cross block
+    sd: dict[str, torch.Tensor] = {}
+    for name, w in tensors.items():
+        for new, old in _PREFIXES:
+            if name.startswith(new):
+                name = old + name[len(new):]
+        out = None
+        if name == "language_model.model.embed_tokens.weight":
+            out = "text_model.tok_embeddings.weight"
+        elif name == "language_model.model.norm.weight":
+            out = "text_model.norm.weight"
+        elif name == "language_model.lm_head.weight":
+            out = "text_model.output.weight"
+        elif name.startswith("multi_modal_projector."):
+            out = "vision_model.vision_projection." + name.split(".", 1)[1]
+        elif m := re.fullmatch(r"language_model\.model\.layers\.(\d+)\.(.+)", name):
+            j, rest = int(m.group(1)), m.group(2)
+            if j in cross_index:
+                if rest in _CROSS:
+                    out = f"text_model.cross_attention_layers.{cross_index[j]}.{_CROSS[rest]}"
+            else:
+                i = j - sum(1 for c in cross_index if c < j)  # index among the self-attention layers
+                herd = keymaps.hf_to_herd_name(f"model.layers.{i}.{rest}")
+                if herd is not None:
+                    out = "text_model." + herd
+                    if herd.endswith("attention.wq.weight"):
+                        w = keymaps.permute_hf_to_meta(w, t.n_heads)
+                    elif herd.endswith("attention.wk.weight"):
+                        w = keymaps.permute_hf_to_meta(w, t.n_kv_heads)
+        elif m := re.fullmatch(r"vision_model\.(transformer|global_transformer)\.layers\.(\d+)\.(.+)\.(weight|bias)",
+                               name):
+            if m.group(3) in _VISION_BLOCK:
+                out = (f"vision_model.vision_encoder.{m.group(1)}.resblocks.{m.group(2)}."
+                       f"{_VISION_BLOCK[m.group(3)]}.{m.group(4)}")
+        elif m := re.fullmatch(r"vision_model\.global_transformer\.layers\.(\d+)\.(gate_attn|gate_ffn)", name):
+            out = f"vision_model.vision_encoder.global_transformer.resblocks.{m.group(1)}.{m.group(2)}"
+        elif name.startswith("vision_model.") and name[len("vision_model."):] in _VISION_TOP:
+            out = "vision_model.vision_encoder." + _VISION_TOP[name[len("vision_model."):]]
+            if out.endswith("conv1._linear.weight"):
+                w = w.reshape(w.shape[0], -1)  # conv (D, C, p, p) -> Meta's Linear over unfolded patches
+        if out is None:
+            raise FormatError(f"{where}: unexpected tensor {name!r} for an Mllama model")
+        sd[out] = w
+    return sd
+
+
+def load_mllama_hf(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[MllamaConfig, dict]:
+    """Read an HF Mllama folder: (config, state dict in herd names)."""
+    folder = Path(folder)
+    config = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+    sd = hf_to_herd_state_dict(read_hf_tensors(folder), config, str(folder))
+    if dtype is not None:
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    return config, sd
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Meta checkpoints
+
+
+def config_from_meta(params: dict, where: str = "params.json") -> MllamaConfig:
+    """Meta multimodal params.json -> MllamaConfig (vision tower constants as in Meta's code)."""
+    p = params.get("model", params)
+    try:
+        L, n_cross = int(p["n_layers"]), int(p["vision_num_cross_attention_layers"])
+        dim, n_heads = int(p["dim"]), int(p["n_heads"])
+        text = ModelConfig(
+            dim=dim, n_layers=L, n_heads=n_heads, n_kv_heads=int(p.get("n_kv_heads") or n_heads),
+            vocab_size=int(p["vocab_size"]),
+            ffn_dim=ffn_hidden_dim(dim, int(p["multiple_of"]), p.get("ffn_dim_multiplier")),
+            norm_eps=float(p["norm_eps"]), rope_theta=float(p.get("rope_theta", 500000.0)),
+            rope_scaling=RopeScaling(factor=8.0) if p.get("use_scaled_rope") else None, max_seq_len=131072,
+            family="llama3.2-vision",
+        )
+        vision = MllamaVisionConfig(image_size=int(p["vision_chunk_size"]),
+                                    max_num_tiles=int(p["vision_max_num_chunks"]))
+    except KeyError as e:
+        raise ConfigError(f"{where}: required key {e} is missing") from None
+    return MllamaConfig(text=text, vision=vision, xattn_before=fusion_schedule(L, n_cross), zero_unmasked_rows=True)
+
+
+def _per_ratio(grid: torch.Tensor, ratios: list[tuple[int, int]]) -> torch.Tensor:
+    """Meta's [max_tiles, max_tiles, ...] grid -> [n_ratios + 1, max_tiles * ...] table (row 0 = padding)."""
+    n = grid.shape[0]
+    rest = grid.shape[2:]
+    out = torch.zeros(len(ratios) + 1, n, *rest, dtype=grid.dtype)
+    for i, (r, c) in enumerate(ratios):
+        out[i + 1, : r * c] = grid[:r, :c].reshape(r * c, *rest)
+    return out.flatten(1)
+
+
+def meta_to_herd_state_dict(sd: dict[str, torch.Tensor], config: MllamaConfig, where: str) -> dict:
+    """Meta multimodal names -> herd names: the tile grids become per-ratio tables, embeddings are concatenated."""
+    out = {}
+    ratios = config.vision.supported_aspect_ratios
+    ve = "vision_model.vision_encoder."
+    for name, w in sd.items():
+        if name == "text_model.rope.freqs" or name.endswith("inner_attention.rope.freqs"):
+            continue
+        if name == "text_model.learnable_embedding.weight":
+            continue
+        if name == "text_model.tok_embeddings.weight":
+            extra = sd.get("text_model.learnable_embedding.weight")
+            if extra is None:
+                raise FormatError(f"{where}: missing tensor text_model.learnable_embedding.weight")
+            w = torch.cat([w, extra])
+        elif name in (ve + "gated_positional_embedding", ve + "pre_tile_pos_embed.embedding",
+                      ve + "post_tile_pos_embed.embedding"):
+            w = _per_ratio(w, ratios)
+        elif name.endswith(("gate_attn", "gate_ffwd", "gate_ffn", ".gate", "_gate")):
+            w = w.reshape(1)
+        out[name] = w
+    return out
+
+
+def load_mllama_meta(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[MllamaConfig, dict]:
+    """Read a single-shard Meta Llama 3.2 Vision folder (params.json + consolidated.00.pth)."""
+    folder = Path(folder)
+    try:
+        params = json.loads((folder / "params.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FormatError(f"{folder}: no params.json") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{folder / 'params.json'}: not valid JSON ({e})") from None
+    config = config_from_meta(params, str(folder / "params.json"))
+    shards = sorted(folder.glob("consolidated.*.pth"))
+    if len(shards) != 1:
+        raise FormatError(f"{folder}: expected one consolidated.*.pth shard, found {len(shards)} "
+                          "(model-parallel Mllama shards are not supported)")
+    try:
+        raw = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many kinds for a corrupt pickle/zip
+        raise FormatError(f"{shards[0]}: not a readable PyTorch checkpoint ({e})") from None
+    sd = meta_to_herd_state_dict(raw, config, str(folder))
+    if dtype is not None:
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    return config, sd
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building
+
+
+def build_mllama(config: MllamaConfig, state_dict: dict[str, torch.Tensor] | None = None,
+                 dtype: torch.dtype = torch.float32) -> Mllama:
+    """Build an Mllama model; with a state dict, on the meta device and assigned (every name and shape checked)."""
+    if state_dict is None:
+        return Mllama(config).to(dtype)
+    with torch.device("meta"):
+        model = Mllama(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise FormatError(f"Mllama checkpoint does not match the config: missing {missing[:6]}"
+                          f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+                          f"{'...' if len(unexpected) > 6 else ''}")
+    tensors = {}
+    for name, ref in expected.items():
+        t = state_dict[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise FormatError(f"tensor {name} has shape {tuple(t.shape)}, the config expects {tuple(ref.shape)}")
+        tensors[name] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+    model.load_state_dict(tensors, strict=True, assign=True)
+    # buffers built on the meta device are recomputed on the CPU
+    from herd.ops.rope import inv_frequencies
+
+    c = config.text
+    model.text_model.inv_freq = inv_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def load_mllama(path: str | Path, dtype: torch.dtype | None = None) -> Mllama:
+    """An HF (config.json) or Meta (params.json) Llama 3.2 Vision folder -> a ready Mllama model."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        config, sd = load_mllama_hf(path)
+    elif (path / "params.json").exists():
+        config, sd = load_mllama_meta(path)
+    else:
+        raise FormatError(f"{path}: no config.json (Hugging Face) or params.json (Meta)")
+    return build_mllama(config, sd, dtype or torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Llama 4 early fusion (HF Llama4ForConditionalGeneration): the text part is read by herd/formats/llama4.py
+
+_L4_VISION_USED = {"hidden_size", "hidden_act", "num_hidden_layers", "num_attention_heads", "num_channels",
+                   "intermediate_size", "vision_output_dim", "image_size", "patch_size", "norm_eps",
+                   "vision_feature_select_strategy", "pixel_shuffle_ratio", "projector_input_dim",
+                   "projector_output_dim", "multi_modal_projector_bias", "projector_dropout", "attention_dropout",
+                   "rope_parameters", "rope_theta", "vision_feature_layer"}
+_L4_VISION_BLOCK = {
+    "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
+    "self_attn.o_proj": "attn.wo", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    "input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
+}
+_L4_VISION_TOP = {
+    "vision_model.patch_embedding.linear.weight": "vision_embeddings.vision_encoder.conv1._linear.weight",
+    "vision_model.class_embedding": "vision_embeddings.vision_encoder.class_embedding",
+    "vision_model.positional_embedding_vlm": "vision_embeddings.vision_encoder.positional_embedding_vlm",
+    "vision_model.layernorm_pre.weight": "vision_embeddings.vision_encoder.ln_pre.weight",
+    "vision_model.layernorm_pre.bias": "vision_embeddings.vision_encoder.ln_pre.bias",
+    "vision_model.layernorm_post.weight": "vision_embeddings.vision_encoder.ln_post.weight",
+    "vision_model.layernorm_post.bias": "vision_embeddings.vision_encoder.ln_post.bias",
+    "vision_model.vision_adapter.mlp.fc1.weight": "vision_embeddings.vision_adapter.mlp.c_fc.weight",
+    "vision_model.vision_adapter.mlp.fc2.weight": "vision_embeddings.vision_adapter.mlp.c_proj.weight",
+    "multi_modal_projector.linear_1.weight": "vision_projection.weight",
+}
+
+
+def llama4_vision_config_from_hf(cfg: dict, where: str = "config.json"):
+    """HF Llama4Config dict -> (Llama4VisionConfig, patch token id). Shapes the reference would silently mis-wire
+    (adapter sizes that only work when equal) are errors here."""
+    from herd.models.vision import Llama4VisionConfig
+
+    v = cfg.get("vision_config")
+    if cfg.get("model_type") != "llama4" or not isinstance(v, dict):
+        raise ConfigError(f"{where}: not a Llama 4 multimodal config (model_type 'llama4' with a vision_config)")
+    unknown = sorted(set(v) - _L4_VISION_USED - _TEXT_IGNORED)
+    if unknown:
+        raise ConfigError(f"{where} vision_config: unknown config keys {unknown}")
+    if v.get("hidden_act", "gelu") != "gelu" or v.get("multi_modal_projector_bias"):
+        raise ConfigError(f"{where} vision_config: Llama 4 uses gelu and a projector without bias")
+    if v.get("vision_feature_select_strategy", "default") != "default":
+        raise ConfigError(f"{where} vision_config: vision_feature_select_strategy must be 'default'")
+    rope = v.get("rope_parameters") or {}
+    try:
+        c = Llama4VisionConfig(
+            image_size=int(v.get("image_size", 448)), patch_size=int(v.get("patch_size", 14)),
+            dim=int(v.get("hidden_size", 768)), n_layers=int(v.get("num_hidden_layers", 34)),
+            n_heads=int(v.get("num_attention_heads", 16)), ffn_dim=int(v.get("intermediate_size", 5632)),
+            rope_theta=float(v.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            pixel_shuffle_ratio=float(v.get("pixel_shuffle_ratio", 0.5)),
+            projector_input_dim=int(v.get("projector_input_dim", 4096)),
+            projector_output_dim=int(v.get("projector_output_dim", 4096)),
+            num_channels=int(v.get("num_channels", 3)),
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where} vision_config: a value has the wrong type ({e})") from None
+    shuffled = int(c.dim / c.pixel_shuffle_ratio ** 2)
+    if shuffled != c.ffn_dim:
+        raise ConfigError(f"{where} vision_config: the adapter reads intermediate_size ({c.ffn_dim}) features but "
+                          f"pixel shuffle gives hidden_size / ratio^2 = {shuffled}")
+    if c.projector_input_dim != c.projector_output_dim:
+        raise ConfigError(f"{where} vision_config: projector_input_dim ({c.projector_input_dim}) must equal "
+                          f"projector_output_dim ({c.projector_output_dim}) (the adapter's second layer reads it)")
+    if int(v.get("vision_output_dim", c.projector_output_dim)) != c.projector_output_dim:
+        raise ConfigError(f"{where} vision_config: vision_output_dim must equal projector_output_dim")
+    return c, int(cfg.get("image_token_index", 200092))
+
+
+def llama4_vision_state_dict(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """The vision tensors of an HF Llama 4 checkpoint -> herd (Meta) names; text tensors are left out."""
+    sd = {}
+    for name, w in tensors.items():
+        name = name.removeprefix("model.")
+        if not name.startswith(("vision_model.", "multi_modal_projector.")):
+            continue
+        out = _L4_VISION_TOP.get(name)
+        if m := re.fullmatch(r"vision_model\.model\.layers\.(\d+)\.(.+)\.(weight|bias)", name):
+            if m.group(2) in _L4_VISION_BLOCK:
+                out = (f"vision_embeddings.vision_encoder.transformer.resblocks.{m.group(1)}."
+                       f"{_L4_VISION_BLOCK[m.group(2)]}.{m.group(3)}")
+        if out is None:
+            raise FormatError(f"{where}: unexpected tensor {name!r} for a Llama 4 vision model")
+        sd[out] = w
+    return sd
+
+
+def load_llama4_multimodal_hf(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """An HF Llama4ForConditionalGeneration folder -> herd Llama4Multimodal (text via herd/formats/llama4.py)."""
+    from herd.formats.llama4 import load_hf_llama4
+    from herd.models.llama import build_model
+    from herd.models.vision import Llama4Multimodal, Llama4VisionModel
+
+    folder = Path(folder)
+    vcfg, patch_id = llama4_vision_config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+    text_config, text_sd = load_hf_llama4(folder)
+    text = build_model(text_config, text_sd, dtype)
+    vsd = llama4_vision_state_dict(read_hf_tensors(folder), str(folder))
+    with torch.device("meta"):
+        vision = Llama4VisionModel(vcfg, text_config.dim)
+    _assign(vision, vsd, dtype, str(folder))
+    from herd.models.vision import llama4_vision_rope
+
+    cos, sin = llama4_vision_rope(vcfg)
+    vision.vision_embeddings.vision_encoder.rope_cos = cos
+    vision.vision_embeddings.vision_encoder.rope_sin = sin
+    return Llama4Multimodal(text, vision.eval(), patch_id).eval()
+
+
+def _assign(module: torch.nn.Module, sd: dict, dtype: torch.dtype, where: str) -> None:
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise FormatError(f"{where}: vision tensors do not match the config: missing {missing[:6]}, "
+                          f"unexpected {unexpected[:6]}")
+    for name, ref in expected.items():
+        if tuple(sd[name].shape) != tuple(ref.shape):
+            raise FormatError(f"{where}: tensor {name} has shape {tuple(sd[name].shape)}, the config expects "
+                              f"{tuple(ref.shape)}")
+    module.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    for p in module.parameters():
+        p.requires_grad_(False)
