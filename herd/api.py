@@ -95,14 +95,16 @@ def load(path: str | Path | None = None, dtype=None, *, chat_template: str | Non
 
     path = resolve(None if path is None else str(path))
     ckpt = load_checkpoint(path, parse_dtype(dtype), keep_quantized=keep_quantized)
+    # a GGUF file's own rope_freqs divisors that no llama3 setting explains (SPEC.md §4)
+    rope_divisors = ckpt.state_dict.pop("rope.freqs", None)
     if keep_quantized:
         from herd.quant.linear import build_quantized_model
 
         model = build_quantized_model(ckpt.config, ckpt.state_dict)
     else:
         model = build_model(ckpt.config, ckpt.state_dict)
-    if ckpt.metadata.get("rope_freqs") is not None:
-        model.set_inv_freq(ckpt.metadata["rope_freqs"])
+    if rope_divisors is not None:
+        model.set_inv_freq(model.inv_freq / rope_divisors.float().reshape(-1))
     template = chat_template if chat_template is not None else ckpt.chat_template
     fmt = chat_format_for(ckpt.tokenizer, ckpt.config.family, template) if ckpt.tokenizer is not None else None
     ckpt.state_dict = {}  # the model owns the tensors now
