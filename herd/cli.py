@@ -102,9 +102,9 @@ def cmd_models(args):
         print(json.dumps([{"name": n, "params": t, "active_params": a, "config": c.to_dict()}
                           for n, t, a, c in rows], indent=2, default=str))
         return
-    print(f"{'preset':<22}{'params':>10}{'active':>10}  layers  dim    heads kv  ffn    vocab   context")
+    print(f"{'preset':<27}{'params':>10}{'active':>10}  layers  dim    heads kv  ffn    vocab   context")
     for n, t, a, c in rows:
-        print(f"{n:<22}{t / 1e9:>9.2f}B{a / 1e9:>9.2f}B  {c.n_layers:<7} {c.dim:<6} {c.n_heads:<5} {c.n_kv_heads:<3} "
+        print(f"{n:<27}{t / 1e9:>9.2f}B{a / 1e9:>9.2f}B  {c.n_layers:<7} {c.dim:<6} {c.n_heads:<5} {c.n_kv_heads:<3} "
               f"{c.ffn_dim:<6} {c.vocab_size:<7} {c.max_seq_len}")
 
 

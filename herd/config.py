@@ -41,13 +41,25 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Llama 4 mixture of experts (SPEC.md §5)."""
+    """Llama 4 mixture of experts (SPEC.md §5): E routed SwiGLU experts, top-k sigmoid routing, one shared expert.
+
+    Meta params.json `moe_args` / HF `num_local_experts`, `num_experts_per_tok`, `intermediate_size` (expert and
+    shared-expert hidden size), `interleave_moe_layer_step`.
+    """
 
     n_experts: int
     top_k: int = 1
     expert_ffn_dim: int = 8192  # hidden size of each routed expert and of the shared expert
-    interleave_step: int = 1  # layer i is MoE iff (i + 1) % interleave_step == 0
+    interleave_step: int = 1  # layer i is MoE iff (i + 1) % step == 0 (HF moe_layers = range(step-1, L, step))
     shared_expert: bool = True
+
+    def __post_init__(self):
+        for name in ("n_experts", "top_k", "expert_ffn_dim", "interleave_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"moe config field {name} must be a positive integer, got {value!r}")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"moe top_k ({self.top_k}) exceeds the number of experts ({self.n_experts})")
 
 
 @dataclass(frozen=True)
@@ -67,15 +79,15 @@ class ModelConfig:
     tie_embeddings: bool = False
     head_dim_override: int | None = None
     family: str = "llama"  # llama2, llama3, llama3.1, llama3.2, llama3.3, llama4, or llama (unknown)
-    # Llama 4 pieces (None / 0 = off): SPEC.md §5.
+    # Llama 4 pieces (None / 0 / False = off): SPEC.md §5. With moe set, ffn_dim is the hidden size of the dense
+    # (non-MoE) layers (HF intermediate_size_mlp) and moe.expert_ffn_dim that of the experts (HF intermediate_size).
     moe: MoEConfig | None = None
     nope_layer_interval: int = 0  # layer i has no RoPE iff interval and (i + 1) % interval == 0
-    attention_chunk_size: int = 0  # RoPE layers attend within chunks of this many positions
-    use_qk_norm: bool = False
-    attn_temperature_tuning: bool = False
+    attention_chunk_size: int = 0  # RoPE layers attend within chunks of this many positions (0 = global)
+    use_qk_norm: bool = False  # weightless RMS norm of q and k after RoPE, on RoPE layers only
+    attn_temperature_tuning: bool = False  # NoPE layers scale q by 1 + attn_scale*ln(floor((pos+1)/floor_scale)+1)
     attn_scale: float = 0.1
     floor_scale: float = 8192.0
-    dense_ffn_dim: int = 0  # FFN size of the non-MoE layers of an interleaved Llama 4 model (0 = ffn_dim)
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len"):
@@ -92,6 +104,13 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be a positive number, got {self.norm_eps}")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta}")
+        for name in ("nope_layer_interval", "attention_chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"config field {name} must be an integer >= 0 (0 = off), got {value!r}")
+        if not (self.floor_scale > 0 and math.isfinite(self.floor_scale) and math.isfinite(self.attn_scale)):
+            raise ConfigError(f"floor_scale must be positive and attn_scale finite, got {self.floor_scale}, "
+                              f"{self.attn_scale}")
 
     @property
     def head_dim(self) -> int:
@@ -102,16 +121,25 @@ class ModelConfig:
         """Query heads per KV head (GQA)."""
         return self.n_heads // self.n_kv_heads
 
+    @property
+    def is_llama4(self) -> bool:
+        """True when any Llama 4 piece is on: then only the Llama 4 formats (herd/formats/llama4.py) can hold it."""
+        return (self.moe is not None or bool(self.nope_layer_interval) or bool(self.attention_chunk_size)
+                or self.use_qk_norm or self.attn_temperature_tuning)
+
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and (layer + 1) % self.moe.interleave_step == 0
 
     def uses_rope(self, layer: int) -> bool:
         return not (self.nope_layer_interval and (layer + 1) % self.nope_layer_interval == 0)
 
+    def is_chunked_layer(self, layer: int) -> bool:
+        """Llama 4: RoPE layers attend within chunks of attention_chunk_size; NoPE layers see the whole context."""
+        return bool(self.attention_chunk_size) and self.uses_rope(layer)
+
     def layer_ffn_dim(self, layer: int) -> int:
-        if self.moe is not None and not self.is_moe_layer(layer) and self.dense_ffn_dim:
-            return self.dense_ffn_dim
-        return self.ffn_dim
+        """Hidden size of layer `layer`'s feed-forward: the experts' for an MoE layer, else ffn_dim."""
+        return self.moe.expert_ffn_dim if self.is_moe_layer(layer) else self.ffn_dim
 
     def param_counts(self) -> tuple[int, int]:
         """(total, active-per-token) parameter counts computed from the config."""
@@ -128,7 +156,7 @@ class ModelConfig:
                 total += attn + norms + m.n_experts * expert + shared + router
                 active += attn + norms + m.top_k * expert + shared + router
             else:
-                ffn = 3 * d * self.layer_ffn_dim(i)
+                ffn = 3 * d * self.ffn_dim
                 total += attn + norms + ffn
                 active += attn + norms + ffn
         emb = self.vocab_size * d
@@ -178,6 +206,17 @@ def _llama3(dim, n_layers, n_heads, mult, multiple_of, family, scaling=None, ctx
     )
 
 
+def _llama4(n_experts: int, interleave: int, qk_norm: bool, scaling: RopeScaling | None, ctx: int) -> ModelConfig:
+    """Llama 4 text model (SPEC.md §5): 48 layers, a NoPE layer every 4th, chunked local attention elsewhere."""
+    return ModelConfig(
+        dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, vocab_size=202048, ffn_dim=16384, norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling=scaling, max_seq_len=ctx, family="llama4",
+        moe=MoEConfig(n_experts=n_experts, top_k=1, expert_ffn_dim=8192, interleave_step=interleave),
+        nope_layer_interval=4, attention_chunk_size=8192, use_qk_norm=qk_norm, attn_temperature_tuning=True,
+        attn_scale=0.1, floor_scale=8192.0,
+    )
+
+
 _S8 = RopeScaling(factor=8.0)
 _S32 = RopeScaling(factor=32.0)  # 3.2 1B/3B: HF configs and a Meta maintainer (SPEC.md §1, llama-models#166)
 
@@ -193,4 +232,8 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-3.2-1b": _llama3(2048, 16, 32, 1.5, 256, "llama3.2", _S32, 131072, tied=True),
     "llama-3.2-3b": _llama3(3072, 28, 24, 1.0, 256, "llama3.2", _S32, 131072, tied=True),
     "llama-3.3-70b": _llama3(8192, 80, 64, 1.3, 4096, "llama3.3", _S8, 131072),
+    # Llama 4: contexts of the instruct models (HF converter); Scout's scaling: Meta's args default (SPEC.md §5, §7.6)
+    "llama-4-scout-17b-16e": _llama4(16, 1, True, RopeScaling(factor=16.0, low_freq_factor=1.0,
+                                                               high_freq_factor=1.0), 10485760),
+    "llama-4-maverick-17b-128e": _llama4(128, 2, False, None, 1048576),
 }

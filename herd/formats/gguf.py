@@ -512,6 +512,15 @@ def _rope_factors(config: ModelConfig) -> np.ndarray:
 CONFIG_READERS: dict[str, Callable[[GGUFFile], ModelConfig]] = {"llama": _llama_config}
 
 
+def _llama4_config(g: GGUFFile) -> ModelConfig:
+    from herd.formats.llama4 import config_from_gguf_llama4
+
+    return config_from_gguf_llama4(g)
+
+
+CONFIG_READERS["llama4"] = _llama4_config
+
+
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
     """herd ModelConfig from a GGUF file's metadata and tensor list."""
     reader = CONFIG_READERS.get(g.architecture)
@@ -552,6 +561,11 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, keep_
     (float32 divisors, shape (head_dim/2,)) appears only when the file's rope_freqs match no llama3 setting.
     """
     g = read_gguf(path)
+    if g.architecture == "llama4":
+        from herd.formats.llama4 import state_from_gguf_llama4
+
+        config, state = state_from_gguf_llama4(g, dtype, keep_quantized)
+        return config, state, g.metadata
     if g.architecture not in TENSOR_NAMES:
         raise ConfigError(f"{g.path}: GGUF architecture {g.architecture!r} is not supported "
                           f"(supported: {', '.join(TENSOR_NAMES)})")
@@ -654,8 +668,10 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, state_dict: dict[st
 
     if quant not in WRITE_QUANTS:
         raise ConfigError(f"quant {quant!r} is not supported for GGUF output (choose from {', '.join(WRITE_QUANTS)})")
-    if config.moe is not None or config.use_qk_norm or config.nope_layer_interval:
-        raise ConfigError("write_gguf writes arch llama (Llama 2/3.x) only; this config is a Llama 4 model")
+    if config.is_llama4:
+        from herd.formats.llama4 import write_gguf_llama4
+
+        return write_gguf_llama4(path, config, state_dict, tokenizer_metadata, chat_template, quant, name)
     weight_type, output_type, file_type = WRITE_QUANTS[quant]
     shapes = expected_shapes(config)
     extra = sorted(set(state_dict) - set(shapes) - {"rope.freqs", "output.weight"})

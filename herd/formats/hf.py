@@ -75,6 +75,10 @@ def guess_family(vocab_size: int, scaling: RopeScaling | None) -> str:
 def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     """HF LlamaConfig dict -> ModelConfig. Unknown keys are an error naming them."""
     model_type = cfg.get("model_type", "llama")
+    if model_type in ("llama4", "llama4_text"):  # Llama 4: herd/formats/llama4.py
+        from herd.formats.llama4 import config_from_hf_llama4
+
+        return config_from_hf_llama4(cfg, where)
     if model_type != "llama":
         raise ConfigError(f"{where}: model_type {model_type!r} is not a Llama text model (expected 'llama')")
     unknown = sorted(set(cfg) - IGNORED_KEYS - USED_KEYS)
@@ -188,6 +192,10 @@ def hf_to_herd_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig,
 def load_hf(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read an HF Llama folder: (config, state dict in herd names, q/k in Meta order)."""
     folder = Path(folder)
+    if _read_json(folder / "config.json").get("model_type") in ("llama4", "llama4_text"):
+        from herd.formats.llama4 import load_hf_llama4
+
+        return load_hf_llama4(folder, dtype)
     config = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
     sd = hf_to_herd_state_dict(read_hf_tensors(folder), config, str(folder))
     _check_shapes(sd, config, str(folder))
@@ -229,6 +237,10 @@ def _check_shapes(sd: dict, config: ModelConfig, where: str) -> None:
 def save_hf(folder: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
             max_shard_bytes: int = 5 * 2**30, bos_id=None, eos_id=None) -> None:
     """Write config.json + model.safetensors (sharded with an index past max_shard_bytes)."""
+    if config.is_llama4:
+        from herd.formats.llama4 import save_hf_llama4
+
+        return save_hf_llama4(folder, config, state_dict, max_shard_bytes, bos_id, eos_id)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf_sd: dict[str, torch.Tensor] = {}

@@ -113,6 +113,10 @@ def load_meta(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[Mod
         raise FormatError(f"{params_path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{params_path}: not valid JSON ({e})") from None
+    from herd.formats.llama4 import is_llama4_params, load_meta_llama4
+
+    if isinstance(params, dict) and is_llama4_params(params):  # Llama 4: herd/formats/llama4.py
+        return load_meta_llama4(folder, dtype)
     shard_paths = sorted(folder.glob("consolidated.*.pth"))
     if not shard_paths:
         raise FormatError(f"{folder}: no consolidated.NN.pth files")
@@ -144,6 +148,10 @@ def load_meta(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[Mod
 
 def save_meta(folder: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], n_shards: int = 1) -> None:
     """Write params.json + consolidated.00.pth ... split into n_shards model-parallel shards."""
+    if config.is_llama4:
+        from herd.formats.llama4 import save_meta_llama4
+
+        return save_meta_llama4(folder, config, state_dict, n_shards)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     params = params_from_config(config)

@@ -165,6 +165,8 @@ class Transformer(nn.Module):
         else:
             kv_len, key_pos = T, input_pos
         mask = self.masks(input_pos, key_pos)
+        if cache is not None and cache.window:  # Llama 4 chunked layers read a ring of the last `window` positions
+            mask = (mask[0], self.masks(input_pos, cache.ring_positions(input_pos))[1])
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos, mask, cache, kv_len, cache_rows)
         if last_only:
