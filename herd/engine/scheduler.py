@@ -1,0 +1,649 @@
+"""Continuous batching: requests join and leave a running batch at every decode step.
+
+One background thread owns the model. Each step it (1) drops cancelled requests and frees their pages at once,
+(2) admits waiting requests while rows and KV pages allow, (3) runs one prefill chunk of the oldest request still
+prefilling, and (4) decodes one token for every request that is past its prefill, all rows together, each at its
+own position. A finished request leaves the batch at the step it finishes; a new one joins at the next.
+
+KV memory is paged: every layer's keys and values live in one pool of fixed-size pages shared by all sequences,
+and each sequence owns a list of pages (its row of the page table). The pool is the memory budget: when a decode
+step needs a page and none is free, the youngest request is preempted (its pages released, its tokens so far
+re-prefilled when it is re-admitted), so memory stays bounded however long the requests run.
+
+Prefix caching: when a prefill ends, each page it filled is registered under (its parent page's serial, its
+tokens). A new request walks that chain over its prompt and reuses every matching page instead of prefilling it
+again; pages nobody uses stay cached in LRU order (children before parents) until the allocator needs them back.
+Only prefill-written pages are registered: a decode step computes a position's keys with other arithmetic (one
+query row instead of many), so reusing decode-written pages would break the bitwise invariance below.
+
+Batch invariance: a row's logits must not depend on which other requests share its batch. The float32 GEMM of
+this CPU's BLAS gives a row bit-identical results only when the number of rows is a multiple of a small granule
+(measured at start-up by `row_granule`: 4 here; 1, 2, 3, 5, 6, 7 rows take other kernels). So every forward is
+padded to a multiple of that granule: decode with dummy rows (scratch cache row, position 0), prefill with dummy
+tokens placed *before* the real ones at positions after them (causally invisible to the real tokens), and the key
+length (the largest position + 1) to a multiple of `attention_granule` (16 here), with attention on the math
+backend (the fused CPU kernel's results change with the batch size). With that, a request gives bit-identical
+logits alone, in any batch, and with a cached prefix. After a preemption the recomputed positions come from a
+prefill instead of decode steps, which can move later logits by float rounding (tokens change only at near-ties).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import queue
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from herd.engine.generate import Completion, Delta, _Seq
+from herd.errors import GenerationError
+from herd.ops.sampling import SamplingParams, pick_token
+
+
+class QueueFull(GenerationError):
+    """The waiting queue is at its limit; retry later (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# ---------------------------------------------------------------------------------------------------- paged cache
+class PagedKVCache:
+    """Keys and values of all sequences in one page pool per layer, addressed through a page table.
+
+    k[layer], v[layer]: (n_pages, P, KV, hd); page 0 is the null page (unassigned table entries point there, and
+    padding rows write there; its content is only ever read at masked positions). table: (rows, pages_per_row).
+    Implements the `update` contract of KVCache, so the model runs on it unchanged.
+    """
+
+    def __init__(self, config, n_pages: int, page_size: int, rows: int, pages_per_row: int,
+                 dtype=torch.float32, device="cpu"):
+        self.page_size, self.n_pages = page_size, n_pages
+        self.max_len = pages_per_row * page_size
+        self.window = 0  # no ring layers: Llama 4 chunked layers see all positions, masked by chunk
+        shape = (n_pages, page_size, config.n_kv_heads, config.head_dim)
+        # zeros, never empty: masked positions get a zero weight, and 0 * NaN would still be NaN
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.table = torch.zeros((rows, pages_per_row), dtype=torch.long, device=device)
+        self._memo: tuple | None = None
+
+    def _index(self, input_pos: torch.Tensor, rows: torch.Tensor, kv_len: int):
+        """(page (B, T), offset (B, T), gather table (B, n)) for one forward; computed once, reused by every layer."""
+        memo = self._memo
+        if memo is not None and memo[0] is input_pos and memo[1] is rows and memo[2] == kv_len:
+            return memo[3]
+        P = self.page_size
+        page = self.table[rows[:, None], torch.div(input_pos, P, rounding_mode="floor")]
+        n = -(-kv_len // P)
+        out = (page, input_pos % P, self.table[rows, :n])
+        self._memo = (input_pos, rows, kv_len, out)
+        return out
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
+               rows: torch.Tensor | None = None):
+        """Write k, v (B, T, KV, hd) at input_pos (B, T) of table rows `rows` (B,); return the first kv_len
+        positions of those rows, (B, KV, kv_len, hd)."""
+        if rows is None:
+            rows = torch.arange(k.shape[0], device=k.device)
+        page, off, gather = self._index(input_pos, rows, kv_len)
+        self.k[layer][page, off] = k
+        self.v[layer][page, off] = v
+        B = k.shape[0]
+        ks = self.k[layer][gather].reshape(B, -1, *k.shape[2:])[:, :kv_len]  # (B, S, KV, hd)
+        vs = self.v[layer][gather].reshape(B, -1, *v.shape[2:])[:, :kv_len]
+        return ks.transpose(1, 2), vs.transpose(1, 2)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class PagePool:
+    """Page allocator with reference counts and a prefix cache of full pages (LRU when unused)."""
+
+    def __init__(self, n_pages: int, page_size: int, prefix_cache: bool = True):
+        self.page_size, self.prefix_cache = page_size, prefix_cache
+        self.free = list(range(n_pages - 1, 0, -1))  # page 0 is the null page
+        self.ref = [0] * n_pages
+        self.key_of: dict[int, tuple] = {}
+        self.page_of: dict[tuple, int] = {}
+        self.serial: dict[int, int] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()  # cached pages nobody uses, oldest first
+        self._serials = itertools.count(1)
+        self.n_pages = n_pages
+
+    def available(self) -> int:
+        return len(self.free) + len(self.lru)
+
+    def used(self) -> int:
+        return self.n_pages - 1 - self.available()
+
+    def alloc(self) -> int | None:
+        if self.free:
+            page = self.free.pop()
+        elif self.lru:
+            page, _ = self.lru.popitem(last=False)
+            del self.page_of[self.key_of.pop(page)]
+            del self.serial[page]
+        else:
+            return None
+        self.ref[page] = 1
+        return page
+
+    def match(self, tokens: Sequence[int], limit: int) -> list[int]:
+        """Cached pages holding a prefix of tokens (at most `limit` tokens), each referenced once more."""
+        if not self.prefix_cache:
+            return []
+        P, parent, pages = self.page_size, 0, []
+        for i in range(limit // P):
+            page = self.page_of.get((parent, tuple(tokens[i * P:(i + 1) * P])))
+            if page is None:
+                break
+            pages.append(page)
+            parent = self.serial[page]
+        for page in pages:
+            self.ref[page] += 1
+            self.lru.pop(page, None)
+        return pages
+
+    def register(self, pages: Sequence[int], tokens: Sequence[int]) -> None:
+        """Make every full page of a sequence (tokens: its ids in cache, in position order) findable by match."""
+        if not self.prefix_cache:
+            return
+        P, parent = self.page_size, 0
+        for i in range(min(len(tokens) // P, len(pages))):
+            page = pages[i]
+            if page in self.key_of:
+                parent = self.serial[page]
+                continue
+            key = (parent, tuple(tokens[i * P:(i + 1) * P]))
+            other = self.page_of.get(key)
+            if other is not None:  # the same content already cached in another page: follow that chain
+                parent = self.serial[other]
+                continue
+            self.key_of[page], self.page_of[key] = key, page
+            self.serial[page] = parent = next(self._serials)
+
+    def release(self, pages: Sequence[int]) -> None:
+        # children first, so that the LRU evicts a chain from its tail and never orphans a cached child
+        for page in reversed(pages):
+            self.ref[page] -= 1
+            if self.ref[page] == 0:
+                if page in self.key_of:
+                    self.lru[page] = None
+                else:
+                    self.free.append(page)
+
+
+def row_granule(model, max_rows: int = 64) -> int:
+    """Smallest g such that the model's linear layers give each row bit-identical results for every row count
+    that is a multiple of g (BLAS kernels change with the row count). 0 if none up to 16 does."""
+    layer = model.layers[0].attention.wq
+    weight = next(iter(layer.parameters()), None)
+    dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+    dim = model.config.dim
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(max_rows, dim, generator=gen).to(dtype)
+    with torch.inference_mode():
+        ref = layer(x[None])[0]
+        for g in (1, 2, 4, 8, 16):
+            if all(torch.equal(layer(x[None, :m])[0], ref[:m]) and torch.equal(layer(x[:m]), ref[:m])
+                   for m in range(g, max_rows + 1, g)):
+                return g
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def attention_granule(n_heads: int, head_dim: int, threads: int = 0) -> int:
+    """Smallest a such that a query's attention output (math backend) is bit-identical for every key length that
+    is a multiple of a, the extra keys masked out (the BLAS kernels and vectorised reductions over the keys group
+    elements by the key count). 0 if none up to 64 does. `threads` and `n_heads` only key the cache."""
+    gen = torch.Generator().manual_seed(0)
+    # one batch row per count of real keys: rows (and heads) are computed independently (checked by the tests)
+    reals = torch.arange(1, 98)
+    n = 768
+    q = torch.randn(len(reals), 1, 1, head_dim, generator=gen)
+    k = torch.randn(len(reals), 1, n, head_dim, generator=gen)
+    v = torch.randn(len(reals), 1, n, head_dim, generator=gen)
+
+    def attend(total: int) -> torch.Tensor:  # (R, H, 1, hd)
+        mask = (torch.arange(total)[None, :] < reals[:, None])[:, None, None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :total], v[:, :, :total], mask)
+
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
+        for a in (8, 16, 32, 64):
+            totals = range(a, min(n, _round_up(int(reals[-1]), a) + 6 * a) + 1, a)
+            out = {t: attend(t) for t in totals}
+            if all(torch.equal(out[t][r], out[_round_up(int(real), a)][r])
+                   for r, real in enumerate(reals) for t in totals if t >= real):
+                return a
+    return 0
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# ---------------------------------------------------------------------------------------------------- requests
+WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
+
+
+@dataclass
+class Request:
+    """One sequence in the engine. Events (Delta, then None at the end, or an Exception) go to `sink`."""
+
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    seq: _Seq
+    sink: Callable[[object], None]
+    constraint: object = None  # has mask(logits (V,)) -> logits and advance(token)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    state: str = WAITING
+    feed: list[int] = field(default_factory=list)  # tokens to prefill (prompt, or prompt + output after preemption)
+    cached: list[int] = field(default_factory=list)  # ids whose K/V are in the cache, in position order
+    pages: list[int] = field(default_factory=list)
+    row: int = -1
+    resume: bool = False  # re-prefilling after a preemption: no token to pick at the end of the prefill
+    cancelled: bool = False
+    arrival: float = 0.0
+    first_token_at: float | None = None
+    prefix_hit: int = 0  # prompt tokens found in the prefix cache
+
+    @property
+    def finished(self) -> bool:
+        return self.state == DONE
+
+
+class Handle:
+    """What submit() returns: iterate for Deltas (blocking), or result() for the Completion."""
+
+    def __init__(self, engine: "Engine", req: Request, events: "queue.Queue | None"):
+        self.engine, self.request, self._events = engine, req, events
+        self.id = req.id
+
+    def __iter__(self) -> Iterator[Delta]:
+        if self._events is None:
+            raise GenerationError("this request streams to its own callback")
+        while True:
+            ev = self._events.get()
+            if ev is None:
+                return
+            if isinstance(ev, BaseException):
+                raise ev
+            yield ev
+
+    def result(self) -> Completion:
+        for _ in self:
+            pass
+        return self.request.seq.result()
+
+    def cancel(self) -> None:
+        self.engine.cancel(self.id)
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+class Engine:
+    """Continuous-batching generation over one model. Thread-safe submit/cancel; step() runs one iteration."""
+
+    def __init__(self, model, tokenizer=None, stop_ids: frozenset[int] = frozenset(), *, max_batch: int = 8,
+                 ctx: int | None = None, kv_tokens: int | None = None, page_size: int = 16, max_queue: int = 64,
+                 prefill_chunk: int = 256, prefix_cache: bool = True, granule: int | None = None,
+                 kv_granule: int | None = None):
+        cfg = model.config
+        self.model, self.tokenizer, self.stop_ids = model, tokenizer, frozenset(stop_ids)
+        self.ctx = min(ctx or cfg.max_seq_len, cfg.max_seq_len)
+        if max_batch < 1 or self.ctx < 2 or page_size < 1 or max_queue < 0:
+            raise GenerationError(f"engine settings out of range: max_batch={max_batch} (>= 1), ctx={self.ctx} "
+                                  f"(>= 2), page_size={page_size} (>= 1), max_queue={max_queue} (>= 0)")
+        self.max_batch, self.max_queue, self.page_size = max_batch, max_queue, page_size
+        # padding that makes a row's arithmetic independent of the batch (module docstring); 1 = none
+        self.granule = max(1, row_granule(model) if granule is None else granule)
+        self.kv_granule = max(1, attention_granule(cfg.n_heads, cfg.head_dim, torch.get_num_threads())
+                              if kv_granule is None else kv_granule)
+        g = self.granule
+        self.prefill_chunk = max(g, prefill_chunk // g * g)
+        pages_per_row = -(-(self.ctx + g + self.kv_granule) // page_size)
+        need = pages_per_row + 1
+        kv_tokens = kv_tokens if kv_tokens is not None else max(16384, (self.ctx + g) * 2)
+        n_pages = max(-(-kv_tokens // page_size) + 1, need)
+        weight = model.tok_embeddings.weight
+        self.device = weight.device
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        # table rows: one per batch slot, plus a scratch row (all null pages) for padding rows
+        self.cache = PagedKVCache(cfg, n_pages, page_size, max_batch + 1, pages_per_row, dtype, self.device)
+        self.scratch_row = max_batch
+        self.pool = PagePool(n_pages, page_size, prefix_cache)
+        self.free_rows = list(range(max_batch - 1, -1, -1))
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []  # admission order (oldest first)
+        self._ids = itertools.count(1)
+        self._lock = threading.Condition()
+        self._incoming: list[Request] = []
+        self._cancels: set[int] = set()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "preempted": 0, "rejected": 0,
+                      "prompt_tokens": 0, "prefix_hit_tokens": 0, "prefill_tokens": 0, "decode_tokens": 0,
+                      "steps": 0, "errors": 0}
+
+    # -- public, thread-safe -------------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[object], None] | None = None,
+               *, constraint=None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               logit_bias: dict[int, float] | None = None) -> Handle:
+        """Queue one request. Raises GenerationError for an impossible one and QueueFull past the queue limit."""
+        params.validate()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise GenerationError("the prompt is empty: at least one token is needed")
+        if len(prompt) >= self.ctx:
+            raise GenerationError(f"the prompt has {len(prompt)} tokens; the context holds {self.ctx} "
+                                  "(prompt plus at least one new token)")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise GenerationError(f"the prompt has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
+        if logit_bias and any(not 0 <= t < vocab for t in logit_bias):
+            raise GenerationError(f"logit_bias has token ids outside the vocabulary (0..{vocab - 1})")
+        events = None
+        if sink is None:
+            events = queue.Queue()
+            sink = events.put
+        rid = next(self._ids)
+        seq = _Seq(rid, prompt, params, self.tokenizer, self.stop_ids, min(params.max_tokens, self.ctx - len(prompt)))
+        req = Request(rid, prompt, params, seq, sink, constraint, presence_penalty, frequency_penalty,
+                      dict(logit_bias) if logit_bias else None, feed=list(prompt), arrival=time.monotonic())
+        if seq.max_new == 0:  # nothing to generate: answer at once, without taking a row
+            self.stats["requests"] += 1
+            req.state = DONE
+            seq.finish = "length"
+            sink(Delta(rid, "", None, None, "length"))
+            sink(None)
+            return Handle(self, req, events)
+        with self._lock:
+            if self.queue_depth() >= self.max_queue:
+                self.stats["rejected"] += 1
+                raise QueueFull(f"the server is busy: {self.queue_depth()} requests are waiting "
+                                f"(limit {self.max_queue}); retry later", retry_after=self._retry_after())
+            self._incoming.append(req)
+            self.stats["requests"] += 1
+            self._lock.notify()
+        return Handle(self, req, events)
+
+    def cancel(self, rid: int) -> None:
+        """Stop a request; its pages are freed at the start of the next step."""
+        with self._lock:
+            self._cancels.add(rid)
+            self._lock.notify()
+
+    def queue_depth(self) -> int:
+        return len(self.waiting) + len(self._incoming)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 ) -> list[Completion]:
+        """Submit every prompt and wait for all (the engine thread must be running, or it is stepped here)."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        handles = [self.submit(p, sp) for p, sp in zip(prompts, params)]
+        if self._thread is None:
+            while self.step():
+                pass
+        return [h.result() for h in handles]
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def snapshot(self) -> dict:
+        """Counters and gauges for /metrics and /health."""
+        return dict(self.stats, waiting=self.queue_depth(), running=len(self.running),
+                    pages_used=self.pool.used(), pages_total=self.pool.n_pages - 1, page_size=self.page_size,
+                    cached_pages=len(self.pool.lru), kv_bytes=self.cache.nbytes())
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not (self._incoming or self._cancels or self.waiting or self.running):
+                    self._lock.wait()
+                if self._stop:
+                    break
+            try:
+                self.step()
+            except Exception:  # never let one bad step take the server down; the request failed already
+                traceback.print_exc()
+        for req in self.waiting + self.running + self._incoming:
+            self._finish(req, GenerationError("the engine stopped"))
+
+    def step(self) -> bool:
+        """One iteration: cancellations, admissions, one prefill chunk, one decode step. False when idle."""
+        with self._lock:
+            self.waiting.extend(self._incoming)
+            self._incoming.clear()
+            cancels, self._cancels = self._cancels, set()
+        for req in [r for r in self.waiting + self.running if r.id in cancels]:
+            req.cancelled = True
+            self.stats["cancelled"] += 1
+            self._finish(req, None)
+        try:
+            self._admit()
+            prefilling = [r for r in self.running if r.state == PREFILL]
+            if prefilling:
+                self._prefill_chunk(prefilling[0])
+            decoding = [r for r in self.running if r.state == DECODE]
+            if decoding:
+                decoding = self._reserve_decode_pages(decoding)
+            if decoding:
+                self._decode(decoding)
+        except Exception as e:  # a failure inside the model: fail the running requests, keep serving
+            self.stats["errors"] += 1
+            for req in list(self.running):
+                self._finish(req, GenerationError(f"generation failed: {type(e).__name__}: {e}"))
+        self.stats["steps"] += 1
+        return bool(self.waiting or self.running)
+
+    # -- admission, pages, preemption ------------------------------------------------------------------------
+    def _pages_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.page_size)
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_rows:
+            req = self.waiting[0]
+            limit = len(req.feed) if req.resume else len(req.feed) - 1  # keep one token to compute logits from
+            matched = self.pool.match(req.feed, limit)
+            need = self._pages_for(len(req.feed)) - len(matched)
+            headroom = sum(1 for r in self.running if r.state == DECODE)  # one page of growth per decoding row
+            if self.pool.available() < need + headroom and self.running:
+                self.pool.release(matched)
+                return
+            pages = []
+            for _ in range(need):
+                page = self.pool.alloc()
+                if page is None:
+                    break
+                pages.append(page)
+            if len(pages) < need:  # cannot happen when the pool holds one full context; undo and wait
+                self.pool.release(matched + pages)
+                return
+            self.waiting.pop(0)
+            req.pages = matched + pages
+            req.row = self.free_rows.pop()
+            self.cache.table[req.row].zero_()
+            self.cache.table[req.row, :len(req.pages)] = torch.tensor(req.pages, dtype=torch.long)
+            n = len(matched) * self.page_size
+            req.cached = list(req.feed[:n])
+            if not req.resume:
+                req.prefix_hit = n
+                self.stats["prompt_tokens"] += len(req.prompt)
+                self.stats["prefix_hit_tokens"] += n
+            req.state = PREFILL
+            self.running.append(req)
+
+    def _grow(self, req: Request, n_tokens: int) -> bool:
+        """Give req pages for its first n_tokens positions; False if the pool is empty."""
+        while len(req.pages) < self._pages_for(n_tokens):
+            page = self.pool.alloc()
+            if page is None:
+                return False
+            self.cache.table[req.row, len(req.pages)] = page
+            req.pages.append(page)
+        return True
+
+    def _reserve_decode_pages(self, decoding: list[Request]) -> list[Request]:
+        """Make sure every decoding row has a page for its next position, preempting the youngest if needed."""
+        for req in list(decoding):
+            while req.state == DECODE and not self._grow(req, len(req.cached) + 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+        return [r for r in decoding if r.state == DECODE]
+
+    def _preempt(self, req: Request) -> None:
+        """Free a running request's pages and queue it again (first in line) to re-prefill what it had."""
+        self.stats["preempted"] += 1
+        self._release(req)
+        req.state, req.resume = WAITING, bool(req.seq.out)
+        req.feed = req.prompt + req.seq.out[:-1] if req.seq.out else list(req.prompt)
+        req.cached = []
+        self.waiting.insert(0, req)
+
+    def _release(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req.pages:
+            self.pool.release(req.pages)
+            req.pages = []
+        if req.row >= 0:
+            self.cache.table[req.row].zero_()
+            self.free_rows.append(req.row)
+            req.row = -1
+
+    def _finish(self, req: Request, error: BaseException | None) -> None:
+        if req.state == DONE:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+        req.state = DONE
+        if error is None and not req.cancelled:
+            self.stats["finished"] += 1
+        try:
+            if error is not None:
+                req.sink(error)
+            elif req.cancelled:
+                req.sink(Delta(req.id, "", None, None, "cancelled"))
+            req.sink(None)
+        except Exception:
+            pass  # a consumer that went away must not stop the engine
+
+    # -- compute ---------------------------------------------------------------------------------------------
+    def _emit(self, req: Request, delta: Delta) -> None:
+        try:
+            req.sink(delta)
+        except Exception:  # the consumer is gone: treat it as a cancellation
+            req.cancelled = True
+            self.stats["cancelled"] += 1
+            self._finish(req, None)
+            return
+        if delta.finish_reason is not None:
+            self._finish(req, None)
+
+    def _retry_after(self) -> float:
+        """A rough wait, in seconds, before the queue has room again."""
+        return float(max(1, -(-self.queue_depth() // self.max_batch)))
+
+    def _pick(self, req: Request, logits: torch.Tensor) -> None:
+        """Choose req's next token from its row of logits (V,) and stream it."""
+        seq = req.seq
+        scores = logits.float()
+        if req.presence_penalty or req.frequency_penalty:
+            if seq.out:
+                ids, counts = torch.unique(torch.tensor(seq.out), return_counts=True)
+                scores = scores.clone()
+                scores[ids] -= req.presence_penalty + req.frequency_penalty * counts.to(scores.dtype)
+        if req.logit_bias:
+            ids = torch.tensor(list(req.logit_bias), dtype=torch.long)
+            scores = scores.clone()
+            scores[ids] += torch.tensor(list(req.logit_bias.values()), dtype=scores.dtype)
+        if req.constraint is not None:
+            scores = req.constraint.mask(scores)
+        token = pick_token(scores, seq.p, seq.generator, seq.prompt + seq.out)
+        if req.constraint is not None:
+            req.constraint.advance(token)
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        self._emit(req, seq.add(token, logits))
+
+    @torch.inference_mode()
+    def _prefill_chunk(self, req: Request) -> None:
+        start = len(req.cached)
+        chunk = req.feed[start:start + self.prefill_chunk]
+        end = start + len(chunk)
+        if chunk:
+            # Pad the tokens to a multiple of the row granule and the key length to one of the kv granule. The
+            # padding goes first (so the real last token stays the last row) at a position after the chunk, which
+            # no real token attends to; it lands in this row's own pages or in the null page.
+            pad, target = -len(chunk) % self.granule, _round_up(end, self.kv_granule)
+            if target > end and pad == 0:
+                pad = self.granule
+            if pad and target == end:
+                target = _round_up(end + 1, self.kv_granule)
+            tokens = [0] * pad + chunk
+            pos = [target - 1] * pad + list(range(start, end))
+            t = torch.tensor([tokens], device=self.device)
+            p = torch.tensor([pos], device=self.device)
+            rows = torch.tensor([req.row], device=self.device)
+            with sdpa_kernel(SDPBackend.MATH):
+                logits = self.model(t, p, self.cache, last_only=True, cache_rows=rows)[0, -1]
+            req.cached.extend(chunk)
+            self.stats["prefill_tokens"] += len(chunk)
+        if end < len(req.feed):
+            return
+        self.pool.register(req.pages, req.cached)
+        req.state = DECODE
+        if not req.resume:
+            self._pick(req, logits)
+        req.resume = False
+
+    @torch.inference_mode()
+    def _decode(self, live: list[Request]) -> None:
+        # padding rows (scratch row, null pages) bring the row count to a multiple of the row granule and the key
+        # length to one of the kv granule
+        pos = [len(r.cached) for r in live]
+        end = max(pos) + 1
+        pad, target = -len(live) % self.granule, _round_up(end, self.kv_granule)
+        if target > end and pad == 0:
+            pad = self.granule
+        tokens = [r.seq.out[-1] for r in live] + [0] * pad
+        pos += [target - 1] * pad
+        rows = [r.row for r in live] + [self.scratch_row] * pad
+        t = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
+        p = torch.tensor(pos, device=self.device)[:, None]
+        with sdpa_kernel(SDPBackend.MATH):
+            logits = self.model(t, p, self.cache, cache_rows=torch.tensor(rows, device=self.device))[:, -1]  # (B, V)
+        self.stats["decode_tokens"] += len(live)
+        for req, tok, lg in zip(live, tokens, logits):
+            req.cached.append(tok)
+            if req.state == DECODE:
+                self._pick(req, lg)

@@ -1,0 +1,60 @@
+"""herd's OpenAI-compatible server: `herd serve`, or serve() / create_app() from Python."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def model_name_for(model: str | None) -> str:
+    """The name clients use for a model: its catalog name, else its file or folder name."""
+    from pathlib import Path
+
+    from herd.hub import CATALOG, DEFAULT_MODEL
+
+    if model is None:
+        return DEFAULT_MODEL
+    if model in CATALOG:
+        return model
+    p = Path(model)
+    return p.stem if p.suffix == ".gguf" else p.name or str(model)
+
+
+def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 8, ctx: int | None = None, kv_tokens: int | None = None, max_queue: int = 64,
+          page_size: int = 16, prefill_chunk: int = 256, prefix_cache: bool = True, dtype: str | None = None,
+          served_model_name: str | None = None, chat_template: str | None = None, log_level: str = "warning",
+          max_connections: int = 1024) -> None:
+    """Load a model and serve it over HTTP until interrupted."""
+    import uvicorn
+
+    from herd.api import load
+    from herd.errors import ConfigError
+    from herd.server.app import create_app
+
+    api_key = api_key if api_key is not None else os.environ.get("HERD_API_KEY") or None
+    template = None
+    if chat_template is not None:
+        from pathlib import Path
+
+        template = Path(chat_template).read_text(encoding="utf-8")
+    llm = load(model, dtype, chat_template=template)
+    if ctx is not None and not 2 <= ctx <= llm.config.max_seq_len:
+        raise ConfigError(f"--ctx {ctx}: must be between 2 and the model's context, {llm.config.max_seq_len}")
+    name = served_model_name or model_name_for(model)
+    aliases = {llm.source, model_name_for(llm.source)} | ({model} if model else set())
+    app = create_app(llm, model_name=name, api_key=api_key, aliases=aliases, max_batch=max_batch, ctx=ctx,
+                     kv_tokens=kv_tokens, max_queue=max_queue, page_size=page_size, prefill_chunk=prefill_chunk,
+                     prefix_cache=prefix_cache)
+    engine = app.state.engine
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    print(f"herd: serving {name} at http://{host}:{port} (batch {max_batch}, context {engine.ctx}, "
+          f"KV pool {engine.cache.nbytes() / 2**20:.0f} MiB, queue {max_queue}"
+          f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
+    if not loopback and not api_key:
+        print("herd: warning: listening beyond this machine without --api-key", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=max_connections,
+                timeout_graceful_shutdown=5)
+
+
+__all__ = ["serve", "model_name_for"]

@@ -1,0 +1,182 @@
+"""Request bodies of the OpenAI-compatible API, validated strictly (types are not coerced: "5" is not a number).
+
+Unknown top-level fields are rejected with a message naming them, as the OpenAI API does; a few fields that some
+clients always send and that change nothing here are accepted and ignored (IGNORED).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+
+Number = Union[StrictInt, StrictFloat]
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+           "safety_identifier")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+# -------------------------------------------------------------------------------------------------- messages
+class ContentPart(_Lenient):
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class FunctionCall(_Lenient):
+    name: StrictStr
+    arguments: StrictStr | dict[str, Any] = "{}"
+
+
+class ToolCall(_Lenient):
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool", "ipython"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: StrictStr | None = None
+
+    def text(self) -> str:
+        """The message's text; content parts other than text are refused by the caller."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content if p.type == "text")
+
+
+class FunctionDef(_Lenient):
+    name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Lenient):
+    name: StrictStr
+
+
+class ToolChoiceFunction(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: StrictBool = False
+
+
+# -------------------------------------------------------------------------------------------------- requests
+class _Sampling(_Strict):
+    """Fields common to chat and text completions."""
+
+    model: StrictStr
+    max_tokens: StrictInt | None = Field(default=None, ge=0)
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, ge=0, le=1)
+    n: StrictInt = Field(default=1, ge=1, le=16)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    presence_penalty: Number = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: Number = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[StrictStr, Number] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    # extensions (vLLM / llama.cpp names)
+    top_k: StrictInt = Field(default=0, ge=0)
+    min_p: Number = Field(default=0.0, ge=0, le=1)
+    repetition_penalty: Number = Field(default=1.0, gt=0, le=10)
+    ignore_eos: StrictBool = False
+    # accepted and ignored
+    user: StrictStr | None = None
+    metadata: dict[str, Any] | None = None
+    store: StrictBool | None = None
+    service_tier: StrictStr | None = None
+    prompt_cache_key: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _check_stop(self):
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > 4:
+            raise ValueError(f"stop: at most 4 sequences, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop: sequences must be non-empty strings")
+        for k, v in (self.logit_bias or {}).items():
+            if not k.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias: keys must be token ids, got {k!r}")
+            if not -100 <= v <= 100:
+                raise ValueError(f"logit_bias[{k}] must be in [-100, 100], got {v}")
+        return self
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=0)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_chat(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: logprobs must be true when top_logprobs is set")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice: a tool choice needs tools")
+        if isinstance(self.tool_choice, ToolChoiceFunction):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice: function {self.tool_choice.function.name!r} is not among the "
+                                 f"tools {names}")
+        return self
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = Field(default=None, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _check_completion(self):
+        p = self.prompt
+        if (isinstance(p, list) and not p) or (isinstance(p, list) and any(isinstance(x, list) and not x for x in p)):
+            raise ValueError("prompt: must not be empty")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of: only best_of == n is supported")
+        if self.suffix:
+            raise ValueError("suffix: insertion (suffix) is not supported")
+        return self
+
+    def token_limit(self) -> int | None:
+        return 16 if self.max_tokens is None else self.max_tokens  # the OpenAI default for completions
