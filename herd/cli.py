@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)
 
-    for extra in ("herd.server.cli", "herd.bench_cli", "herd.train.cli", "herd.quant.cli"):
+    for extra in ("herd.server.cli", "herd.bench", "herd.train.cli", "herd.quant.cli", "herd.vision_cli"):
         try:
             mod = __import__(extra, fromlist=["register"])
         except ModuleNotFoundError as e:
