@@ -7,7 +7,7 @@ STAMP := $(VENV)/.herd-installed
 LLAMACPP := $(VENV)/.llamacpp-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model run test test-all bench finetune-demo clean
+.PHONY: setup model run test test-all bench finetune-demo vision-demo clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test-all: model $(LLAMACPP)
 
 bench: model $(LLAMACPP)
 	$(PY) benchmarks/bench_cpu.py
+
+# LoRA on the default model teaches it facts about a fictional organisation (examples/zephyrine); prints
+# exact-answer accuracy on held-out questions before and after.
+finetune-demo: model
+	$(PY) examples/finetune_demo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -23,6 +23,8 @@ def _add_model(p, positional=False):
     else:
         p.add_argument("--model", "-m", default=None, help="checkpoint path or catalog name (default: the default model)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's; GGUF -> float32)")
+    if not positional:
+        p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT layout) to run unmerged")
 
 
 def _add_sampling(p):
@@ -44,11 +46,27 @@ def _set_threads(args):
         torch.set_num_threads(args.threads)
 
 
-def cmd_generate(args):
+def _load_llm(args):
+    """The model of --model (or the adapter's base), with --adapter applied unmerged."""
     from herd.api import load
 
+    model = args.model
+    adapter = getattr(args, "adapter", None)
+    if adapter and model is None:
+        from herd.train.lora import adapter_base
+
+        model = adapter_base(adapter)
+    llm = load(model, args.dtype)
+    if adapter:
+        from herd.train.lora import apply_adapter
+
+        apply_adapter(llm.model, adapter)
+    return llm
+
+
+def cmd_generate(args):
     _set_threads(args)
-    llm = load(args.model, args.dtype)
+    llm = _load_llm(args)
     if args.json:
         c = llm.generate(args.prompt, raw=args.raw, **_sampling(args))
         print(json.dumps({"prompt_ids": c.prompt_ids, "output_ids": c.output_ids, "text": c.text,
@@ -61,11 +79,10 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
-    from herd.api import load
     from herd.chat import run_chat
 
     _set_threads(args)
-    llm = load(args.model, args.dtype)
+    llm = _load_llm(args)
     run_chat(llm, system=args.system, sampling=_sampling(args), stdin=sys.stdin, stdout=sys.stdout)
 
 
@@ -140,6 +157,10 @@ def cmd_eval_ppl(args):
 
     _set_threads(args)
     llm = load(args.model, args.dtype, keep_quantized=args.quantized)
+    if args.adapter:
+        from herd.train.lora import apply_adapter
+
+        apply_adapter(llm.model, args.adapter)
     ref = load(args.kl_vs, "float32") if args.kl_vs else None
     result = perplexity(llm, read_text(args.file), ctx=args.ctx, max_chunks=args.max_chunks, ref=ref,
                         progress=not args.json)

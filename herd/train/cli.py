@@ -1,0 +1,87 @@
+"""`herd finetune` and `herd merge`: parse arguments, call herd.train.finetune / herd.train.merge."""
+
+from __future__ import annotations
+
+from herd.train.loop import FinetuneConfig
+
+
+def cmd_finetune(args) -> None:
+    import torch
+
+    from herd.train.loop import finetune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = ("method", "rank", "alpha", "targets", "dropout", "quant", "lr", "weight_decay", "warmup", "epochs",
+             "steps", "batch_tokens", "grad_accum", "seq_len", "grad_clip", "seed", "eval_every", "save_every",
+             "over_long", "dtype")
+    opts = {k: getattr(args, k) for k in names}
+    opts["activation_checkpointing"] = args.activation_checkpointing
+    opts["progress"] = not args.no_progress
+    res = finetune(args.model, args.data, args.out, eval_data=args.eval, resume=args.resume, **opts)
+    s = res.summary
+    print(f"data: {s.line()}")
+    if res.eval_summary is not None:
+        print(f"eval data: {res.eval_summary.line()}")
+    if res.losses:
+        print(f"steps {res.steps}: train loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}")
+    if res.eval_losses:
+        print(f"eval loss {res.eval_losses[0][1]:.4f} (step {res.eval_losses[0][0]}) -> {res.eval_losses[-1][1]:.4f} "
+              f"(step {res.eval_losses[-1][0]})")
+    print(f"wrote {res.out} (metrics.jsonl, loss.png, checkpoints/)")
+
+
+def cmd_merge(args) -> None:
+    from herd.train.merge import merge
+
+    report = merge(args.model, args.adapter, args.out, to=args.to, quant=args.quant, dtype=args.dtype,
+                   kl_data=args.kl_data)
+    print(report.line())
+
+
+def register(subparsers) -> None:
+    """Add the `finetune` and `merge` subcommands to herd's CLI."""
+    d = FinetuneConfig()
+    p = subparsers.add_parser("finetune", help="fine-tune a model: LoRA, QLoRA or full")
+    p.add_argument("--model", "-m", default=None, help="base checkpoint path or catalog name (default model)")
+    p.add_argument("--data", required=True, nargs="+", help="training data: chat JSONL ({\"messages\": ...}), "
+                   "JSONL of {\"text\": ...}, or .txt files")
+    p.add_argument("--eval", default=None, nargs="+", help="evaluation data (same formats)")
+    p.add_argument("--out", required=True, help="output folder (adapter or model, metrics.jsonl, loss.png)")
+    p.add_argument("--method", choices=["lora", "qlora", "full"], default=d.method)
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--targets", default=d.targets, help="comma-separated: wq,wk,wv,wo,w1,w2,w3 (or HF names)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout")
+    p.add_argument("--quant", default=d.quant, help="QLoRA over a float base: q8_0, q4_0, q4_1, q5_0, q5_1, q4_k "
+                   "(a GGUF base keeps its own blocks)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 LoRA, 2e-5 full)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5%% of the run)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of epochs)")
+    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="tokens per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="packed row length; longer examples are cut")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between eval losses (0: at the end)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--over-long", choices=["truncate", "drop"], default=d.over_long)
+    p.add_argument("--dtype", default=d.dtype, help="base weights: float32 or bfloat16")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_finetune, epochs=d.epochs)
+
+    p = subparsers.add_parser("merge", help="fold a LoRA adapter into its base; write HF or GGUF")
+    p.add_argument("--model", "-m", default=None, help="base checkpoint (default: the one the adapter names)")
+    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output: a folder (hf) or a .gguf file (gguf)")
+    p.add_argument("--to", choices=["hf", "gguf"], default="hf")
+    p.add_argument("--quant", default=None, help="GGUF: f32, f16, bf16, q8_0, q4_0, q4_1 (default f16)")
+    p.add_argument("--dtype", default=None, help="HF: float32 or bfloat16 (default float32)")
+    p.add_argument("--kl-data", default=None, help="data file whose tokens measure the KL (default: built-in text)")
+    p.set_defaults(func=cmd_merge)
