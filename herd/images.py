@@ -89,6 +89,19 @@ def to_rgb(image, what: str = "image"):
     return image.convert("RGB")
 
 
+def _load_strict(image) -> None:
+    """image.load() with truncated data an error, whatever another library set globally (Meta's llama4
+    preprocess module turns ImageFile.LOAD_TRUNCATED_IMAGES on at import)."""
+    from PIL import ImageFile
+
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        image.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
 def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Path, bytes or base64 data: URL (or a Pillow image) -> 8-bit RGB Pillow image; FormatError when it is not a
     complete image, is larger than max_pixels, or has a mode herd cannot convert."""
@@ -117,7 +130,7 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS):
                 raise FormatError(f"{what}: {w}x{h} pixels ({w * h}), more than the limit of {max_pixels}")
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)  # animated images: the first frame
-            image.load()  # decode every byte now: truncated data raises here
+            _load_strict(image)  # decode every byte now: truncated data raises here
     except FormatError:
         raise
     except UnidentifiedImageError:
