@@ -148,8 +148,8 @@ class BatchRun:
         if not live:
             return
         max_len = max(len(s.prompt) + s.max_new for s in live)
-        dtype = model.tok_embeddings.weight.dtype
-        device = model.tok_embeddings.weight.device
+        dtype = model.norm.weight.dtype
+        device = model.norm.weight.device
         cache = KVCache(model.config, batch=len(live), max_len=max_len, dtype=dtype, device=device)
         row = {id(s): r for r, s in enumerate(live)}
         with torch.inference_mode():

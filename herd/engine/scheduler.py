@@ -318,7 +318,7 @@ class Engine:
         need = pages_per_row + 1
         kv_tokens = kv_tokens if kv_tokens is not None else max(16384, (self.ctx + g) * 2)
         n_pages = max(-(-kv_tokens // page_size) + 1, need)
-        weight = model.tok_embeddings.weight
+        weight = model.norm.weight  # always float, also when the linears and embedding are quantized
         self.device = weight.device
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         # table rows: one per batch slot, plus a scratch row (all null pages) for padding rows

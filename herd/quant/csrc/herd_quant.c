@@ -1,0 +1,875 @@
+/* herd_quant.c -- quantized matmul kernels for herd: y[m, n] = x[m, k] . W[n, k]^T, W in GGML blocks.
+ *
+ * Layout of this file (read hq_formats.h first for the common "u8 group" view of every format):
+ *   1. job description and activation preparation (int8 / int16 quantization, block sums of x)
+ *   2. scalar kernels (any CPU; the reference the SIMD paths are tested against)
+ *   3. AVX2 / AVX-512 "decode" kernels, straight from the GGUF layout: a few weight rows per pass against
+ *      1 or 4 activation rows (everything on AVX2; float mode and single-row int8 / int16 on AVX-512), with
+ *      software prefetch of the weight stream
+ *   4. AVX-512 VNNI GEMM for 2+ activation rows (int8: vpdpbusd, int16: vpdpwssd): 16 weight rows repacked
+ *      to 8-bit tiles, lanes = rows
+ *   5. dequantization, the C API and threading (OpenMP, sharing the process's libgomp with torch)
+ * Build: gcc -O3 -march=native -fopenmp -shared -fPIC herd_quant.c (see herd/quant/native.py).
+ */
+#include "herd_quant.h"
+#include "hq_formats.h"
+
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define HQ_ABI_VERSION 2
+/* AVX-512 int8 / int16 paths: from this many activation rows on, use the tiled GEMM (measured crossover: 2;
+ * tunable for tests and benchmarks) */
+static int hq_gemm_min_rows = 2;
+
+/* =====================================================================================================
+ * 1. Job and activations
+ * ===================================================================================================== */
+typedef struct {
+    int64_t m, k, n, rowbytes;
+    int type, mode;
+    const float *x;    /* [m, k] float activations */
+    const uint8_t *w;  /* [n, rowbytes] GGML blocks */
+    float *y;          /* [m, n] */
+    const int8_t *q;   /* int8 mode: [m, k] quantized activations */
+    const int16_t *q16; /* int16 mode: [m, k] quantized activations */
+    const float *ad;   /* int modes: [m, k/32, 4] = d, d*sum(q), d*sum(q[0:16]), d*sum(q[16:32]) per block */
+    const float *xs;   /* float mode: [m, k/32] sums of x per 32-element group */
+    int *failed;       /* set to 1 by a kernel whose scratch allocation failed */
+} hq_job;
+
+/* Quantize one row of k floats per 32-block to int8 (q8) or int16 (q16, the other NULL): d = max|x| / L with
+ * L = 127 or 32767, q = round-half-even(x * (1/d)) (see herd_quant.h); ad gets d and d * (sums of q). */
+static void hq_quantize_row_ref(const float *x, int64_t k, int8_t *q8, int16_t *q16, float *ad) {
+    const float lim = q16 ? 32767.0f : 127.0f;
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+        }
+        float d = amax / lim, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int sa = 0, sb = 0;
+        for (int j = 0; j < 32; j++) {
+            float v = nearbyintf(xb[j] * id); /* default rounding mode: half to even */
+            int iv = (int)(v > lim ? lim : (v < -lim ? -lim : v));
+            if (q16) q16[b * 32 + j] = (int16_t)iv;
+            else q8[b * 32 + j] = (int8_t)iv;
+            if (j < 16) sa += iv; else sb += iv;
+        }
+        ad[4 * b] = d;
+        ad[4 * b + 1] = d * (float)(sa + sb);
+        ad[4 * b + 2] = d * (float)sa;
+        ad[4 * b + 3] = d * (float)sb;
+    }
+}
+
+#ifdef HQ_HAVE_AVX512
+/* Same result as hq_quantize_row_ref: cvtps rounds half to even under the default MXCSR. */
+static void hq_quantize_row_avx512(const float *x, int64_t k, int8_t *q8, int16_t *q16, float *ad) {
+    const float L = q16 ? 32767.0f : 127.0f;
+    const __m512 lim = _mm512_set1_ps(L), nlim = _mm512_set1_ps(-L);
+    for (int64_t b = 0; b < k / 32; b++) {
+        __m512 x0 = _mm512_loadu_ps(x + b * 32), x1 = _mm512_loadu_ps(x + b * 32 + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        float d = amax / L, id = d != 0.0f ? 1.0f / d : 0.0f;
+        __m512i i0 = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(x0, _mm512_set1_ps(id)), lim), nlim));
+        __m512i i1 = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(x1, _mm512_set1_ps(id)), lim), nlim));
+        if (q16) {
+            _mm256_storeu_si256((__m256i *)(q16 + b * 32), _mm512_cvtepi32_epi16(i0));
+            _mm256_storeu_si256((__m256i *)(q16 + b * 32 + 16), _mm512_cvtepi32_epi16(i1));
+        } else {
+            _mm_storeu_si128((__m128i *)(q8 + b * 32), _mm512_cvtepi32_epi8(i0));
+            _mm_storeu_si128((__m128i *)(q8 + b * 32 + 16), _mm512_cvtepi32_epi8(i1));
+        }
+        int sa = _mm512_reduce_add_epi32(i0), sb = _mm512_reduce_add_epi32(i1);
+        ad[4 * b] = d;
+        ad[4 * b + 1] = d * (float)(sa + sb);
+        ad[4 * b + 2] = d * (float)sa;
+        ad[4 * b + 3] = d * (float)sb;
+    }
+}
+#endif
+
+static void hq_quantize_row(const float *x, int64_t k, int8_t *q8, int16_t *q16, float *ad, int isa) {
+#ifdef HQ_HAVE_AVX512
+    if (isa >= 2) { hq_quantize_row_avx512(x, k, q8, q16, ad); return; }
+#endif
+    (void)isa;
+    hq_quantize_row_ref(x, k, q8, q16, ad);
+}
+
+static void hq_group_sums_row(const float *x, int64_t k, float *xs) {
+    for (int64_t g = 0; g < k / 32; g++) {
+        float s = 0.0f;
+        for (int j = 0; j < 32; j++) s += x[g * 32 + j];
+        xs[g] = s;
+    }
+}
+
+/* =====================================================================================================
+ * 2. Scalar kernels: unpack one weight row to (u, scales) and loop. Any CPU.
+ * ===================================================================================================== */
+typedef struct { float da, ma, db, mb; } hq_scales;
+
+/* One row -> u[k] (int16: Q8_0 values are signed) and per-group scales. */
+static void hq_unpack_row_ref(int type, const uint8_t *wr, int64_t k, int16_t *u, hq_scales *sc) {
+    const int QK = hq_block_elems(type), BS = hq_block_bytes(type), G = QK / 32;
+    uint8_t tmp[32];
+    for (int64_t b = 0; b < k / QK; b++) {
+        const uint8_t *blk = wr + b * BS;
+        for (int g = 0; g < G; g++) {
+            int64_t gi = b * G + g;
+            hq_group_u8_ref(type, blk, g, tmp);
+            for (int j = 0; j < 32; j++) u[gi * 32 + j] = type == HQ_Q8_0 ? (int16_t)(int8_t)tmp[j] : (int16_t)tmp[j];
+            hq_group_scales(type, blk, g, &sc[gi].da, &sc[gi].ma, &sc[gi].db, &sc[gi].mb);
+        }
+    }
+}
+
+static void hq_rows_scalar(const hq_job *J, int64_t r0, int64_t r1) {
+    const int64_t k = J->k, ng = k / 32;
+    int16_t *u = (int16_t *)malloc(sizeof(int16_t) * k);
+    hq_scales *sc = (hq_scales *)malloc(sizeof(hq_scales) * ng);
+    float *wf = (float *)malloc(sizeof(float) * k);
+    if (!u || !sc || !wf) { free(u); free(sc); free(wf); *J->failed = 1; return; }
+    for (int64_t r = r0; r < r1; r++) {
+        hq_unpack_row_ref(J->type, J->w + r * J->rowbytes, k, u, sc);
+        if (J->mode == HQ_MODE_F32) {
+            for (int64_t gi = 0; gi < ng; gi++)
+                for (int j = 0; j < 32; j++)
+                    wf[gi * 32 + j] = j < 16 ? fmaf(sc[gi].da, (float)u[gi * 32 + j], sc[gi].ma)
+                                             : fmaf(sc[gi].db, (float)u[gi * 32 + j], sc[gi].mb);
+            for (int64_t i = 0; i < J->m; i++) {
+                const float *xi = J->x + i * k;
+                float acc = 0.0f;
+                for (int64_t j = 0; j < k; j++) acc += wf[j] * xi[j];
+                J->y[i * J->n + r] = acc;
+            }
+        } else {
+            for (int64_t i = 0; i < J->m; i++) {
+                const int8_t *qi = J->q ? J->q + i * k : NULL;
+                const int16_t *qi16 = J->q16 ? J->q16 + i * k : NULL;
+                const float *ad = J->ad + i * ng * 4;
+                float acc = 0.0f;
+                for (int64_t gi = 0; gi < ng; gi++) {
+                    int32_t da = 0, db = 0; /* |u q| <= 255 * 32767, 16 of them: fits int32 */
+                    for (int j = 0; j < 32; j++) {
+                        int32_t qv = qi16 ? qi16[gi * 32 + j] : qi[gi * 32 + j];
+                        if (j < 16) da += (int32_t)u[gi * 32 + j] * qv; else db += (int32_t)u[gi * 32 + j] * qv;
+                    }
+                    const float *a = ad + gi * 4;
+                    acc += a[0] * (sc[gi].da * (float)da + sc[gi].db * (float)db) + sc[gi].ma * a[2] + sc[gi].mb * a[3];
+                }
+                J->y[i * J->n + r] = acc;
+            }
+        }
+    }
+    free(u); free(sc); free(wf);
+}
+
+/* =====================================================================================================
+ * 3. SIMD decode kernels (AVX2 and AVX-512): each 32-element group of a weight row is unpacked once into a
+ *    ymm of 32 u8 and reused for 1 or 4 activation rows; several weight rows per pass give independent
+ *    accumulator chains. One instance per type through always_inline functions called with constants.
+ * ===================================================================================================== */
+#ifdef HQ_HAVE_AVX2
+HQ_ALWAYS_INLINE float hq_hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* int32 lanes of the dot product of 32 weights (u8, or int8 for Q8_0) with 32 int8 activations;
+ * 'au' is |u| for the signed format. vnni: AVX512-VNNI (the AVX-512 build); else maddubs (no saturation:
+ * |products| <= 128*127*2 for Q8_0 after the sign trick, <= 63*127*2 for the others). */
+HQ_ALWAYS_INLINE __m256i hq_dot32(__m256i u, __m256i au, __m256i q, const int sgn, const int vnni) {
+    __m256i a = sgn ? au : u, b = sgn ? _mm256_sign_epi8(q, u) : q;
+#if defined(HQ_HAVE_AVX512)
+    if (vnni) return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#endif
+    (void)vnni;
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+}
+
+/* Software prefetch for streaming weights from DRAM: the rows of a pass are contiguous, so the bytes that the
+ * pass `ahead` passes later reads at the same progress are `ahead * nbytes` further on; hardware prefetchers alone
+ * reach only ~40% of one core's bandwidth on the interleaved row streams. */
+#define HQ_PF_AHEAD 2
+HQ_ALWAYS_INLINE void hq_prefetch_span(const uint8_t *p, int64_t nbytes) {
+    for (int64_t o = 0; o < nbytes; o += 64) _mm_prefetch((const char *)(p + o), _MM_HINT_T0);
+}
+
+/* int16 activations: accumulate the products of 16 int16 weights with 16 int16 activations into 8 int32 lanes
+ * (|u q| <= 255 * 32767, pairs summed: fits). */
+HQ_ALWAYS_INLINE __m256i hq_dot16(__m256i acc, __m256i w, __m256i x, const int vnni) {
+#if defined(HQ_HAVE_AVX512)
+    if (vnni) return _mm256_dpwssd_epi32(acc, w, x);
+#endif
+    (void)vnni;
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+}
+
+/* int8 / int16 mode (wide = 1: int16): weight rows [r, r + NR) against activation rows [i0, i0 + MB). Each weight group is unpacked once
+ * per pass, each activation group loaded once; NR * MB independent accumulators keep the FMA chains short.
+ * Non-split types: p = [da, ma] * [d_x, d_x sum q_x] gives the dot's scale (lane 0) and the offset (lane 1). */
+HQ_ALWAYS_INLINE void hq_dec_int_pass(const hq_job *J, int64_t r, const int NR, int64_t i0, const int MB,
+                                      const int type, const int vnni, const int wide) {
+    const int QK = hq_block_elems(type), BS = hq_block_bytes(type), G = QK / 32;
+    const int split = type == HQ_Q6_K, sgn = type == HQ_Q8_0;
+    const int64_t k = J->k, ng = k / 32;
+    __m256 acc[4][4];
+    __m128 macc[4][4];
+    for (int rr = 0; rr < NR; rr++)
+        for (int i = 0; i < MB; i++) { acc[rr][i] = _mm256_setzero_ps(); macc[rr][i] = _mm_setzero_ps(); }
+    const int ktab = G > 1;
+    float tab[4][16];
+    const uint8_t *pf = J->w + (r + HQ_PF_AHEAD * NR) * J->rowbytes; /* same progress, HQ_PF_AHEAD passes on */
+    for (int64_t b = 0; b < k / QK; b++) {
+        hq_prefetch_span(pf + b * NR * BS, NR * BS);
+        if (ktab)
+            for (int rr = 0; rr < NR; rr++) hq_kblock_tab(type, J->w + (r + rr) * J->rowbytes + b * BS, tab[rr]);
+        for (int g = 0; g < G; g++) {
+            const int64_t gi = b * G + g;
+            __m256i u[4], au[4];
+            __m128 dm[4];
+            for (int rr = 0; rr < NR; rr++) {
+                const uint8_t *blk = J->w + (r + rr) * J->rowbytes + b * BS;
+                if (wide && (type == HQ_Q4_0 || type == HQ_Q4_1)) { /* nibbles straight to int16 */
+                    const __m128i m4 = _mm_set1_epi8(0x0F);
+                    __m128i qs = _mm_loadu_si128((const __m128i *)(blk + (type == HQ_Q4_0 ? 2 : 4)));
+                    u[rr] = _mm256_cvtepu8_epi16(_mm_and_si128(qs, m4));
+                    au[rr] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), m4));
+                } else if (wide) { /* u[rr] / au[rr] become the int16 weights of elements 0..15 / 16..31 */
+                    u[rr] = hq_group_u8(type, blk, g);
+                    __m128i lo = _mm256_castsi256_si128(u[rr]), hi = _mm256_extracti128_si256(u[rr], 1);
+                    u[rr] = sgn ? _mm256_cvtepi8_epi16(lo) : _mm256_cvtepu8_epi16(lo);
+                    au[rr] = sgn ? _mm256_cvtepi8_epi16(hi) : _mm256_cvtepu8_epi16(hi);
+                } else {
+                    u[rr] = hq_group_u8(type, blk, g);
+                    au[rr] = sgn ? _mm256_abs_epi8(u[rr]) : u[rr];
+                }
+                dm[rr] = ktab ? _mm_castpd_ps(_mm_load_sd((const double *)(tab[rr] + 2 * g))) : hq_group_dm(type, blk, g);
+            }
+            for (int i = 0; i < MB; i++) {
+                const float *a = J->ad + ((i0 + i) * ng + gi) * 4;
+                __m256i q = _mm256_setzero_si256(), qb = q;
+                if (wide) {
+                    q = _mm256_loadu_si256((const __m256i *)(J->q16 + (i0 + i) * k + gi * 32));
+                    qb = _mm256_loadu_si256((const __m256i *)(J->q16 + (i0 + i) * k + gi * 32 + 16));
+                } else {
+                    q = _mm256_loadu_si256((const __m256i *)(J->q + (i0 + i) * k + gi * 32));
+                }
+                __m128 ax = _mm_castpd_ps(_mm_load_sd((const double *)a)); /* [d_x, d_x sum q] */
+                for (int rr = 0; rr < NR; rr++) {
+                    if (wide && split) { /* Q6_K: the two halves' dot products stay apart */
+                        __m128 s2 = _mm_mul_ps(dm[rr], _mm_broadcastss_ps(ax)); /* [da d_x, db d_x] */
+                        __m256 d0 = _mm256_cvtepi32_ps(hq_dot16(_mm256_setzero_si256(), u[rr], q, vnni));
+                        __m256 d1 = _mm256_cvtepi32_ps(hq_dot16(_mm256_setzero_si256(), au[rr], qb, vnni));
+                        acc[rr][i] = _mm256_fmadd_ps(d0, _mm256_broadcastss_ps(s2), acc[rr][i]);
+                        acc[rr][i] = _mm256_fmadd_ps(d1, _mm256_broadcastss_ps(_mm_movehdup_ps(s2)), acc[rr][i]);
+                        macc[rr][i] = _mm_fmadd_ps(dm[rr], _mm_castpd_ps(_mm_load_sd((const double *)(a + 2))),
+                                                   macc[rr][i]);
+                        continue;
+                    }
+                    __m256 dot = _mm256_cvtepi32_ps(
+                        wide ? hq_dot16(hq_dot16(_mm256_setzero_si256(), u[rr], q, vnni), au[rr], qb, vnni)
+                             : hq_dot32(u[rr], au[rr], q, sgn, vnni));
+                    if (split) { /* dm = [da, db]; offsets -32 da, -32 db (Q6_K) */
+                        __m128 s2 = _mm_mul_ps(dm[rr], _mm_broadcastss_ps(ax));
+                        __m256 sc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s2),
+                                                             _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+                        acc[rr][i] = _mm256_fmadd_ps(dot, sc, acc[rr][i]);
+                        macc[rr][i] = _mm_fmadd_ps(dm[rr], _mm_castpd_ps(_mm_load_sd((const double *)(a + 2))),
+                                                   macc[rr][i]);
+                    } else {
+                        __m128 p = _mm_mul_ps(dm[rr], ax);
+                        acc[rr][i] = _mm256_fmadd_ps(dot, _mm256_broadcastss_ps(p), acc[rr][i]);
+                        macc[rr][i] = _mm_add_ps(macc[rr][i], p);
+                    }
+                }
+            }
+        }
+    }
+    for (int rr = 0; rr < NR; rr++)
+        for (int i = 0; i < MB; i++) {
+            __m128 mc = macc[rr][i];
+            float off = split ? -32.0f * (_mm_cvtss_f32(mc) + _mm_cvtss_f32(_mm_movehdup_ps(mc)))
+                              : _mm_cvtss_f32(_mm_movehdup_ps(mc));
+            J->y[(i0 + i) * J->n + r + rr] = hq_hsum256(acc[rr][i]) + off;
+        }
+}
+
+/* Weight rows [r0, r1): NR1 rows per pass for single activation rows, NR4 rows per pass for groups of 4. */
+HQ_ALWAYS_INLINE void hq_dec_int(const hq_job *J, int64_t r0, int64_t r1, const int type, const int vnni,
+                                 const int wide) {
+    const int NR1 = vnni ? 4 : 2, NR4 = vnni ? 2 : 1;
+    int64_t r = r0;
+    for (; r + NR1 <= r1; r += NR1) {
+        int64_t i0 = 0;
+        for (; i0 + 4 <= J->m; i0 += 4)
+            for (int rr = 0; rr < NR1; rr += NR4) hq_dec_int_pass(J, r + rr, NR4, i0, 4, type, vnni, wide);
+        for (; i0 < J->m; i0++) hq_dec_int_pass(J, r, NR1, i0, 1, type, vnni, wide);
+    }
+    for (; r < r1; r++) {
+        int64_t i0 = 0;
+        for (; i0 + 4 <= J->m; i0 += 4) hq_dec_int_pass(J, r, 1, i0, 4, type, vnni, wide);
+        for (; i0 < J->m; i0++) hq_dec_int_pass(J, r, 1, i0, 1, type, vnni, wide);
+    }
+}
+
+/* float mode, AVX2 (8 lanes): weights dequantized per group in registers, then FMA with x. */
+HQ_ALWAYS_INLINE __m256 hq_u8x8_to_ps(__m128i v8, const int sgn) { /* low 8 bytes -> 8 floats */
+    return _mm256_cvtepi32_ps(sgn ? _mm256_cvtepi8_epi32(v8) : _mm256_cvtepu8_epi32(v8));
+}
+HQ_ALWAYS_INLINE void hq_dec_f32_pass_avx2(const hq_job *J, const uint8_t *wr, int64_t r, int64_t i0, const int MB,
+                                           const int type) {
+    const int QK = hq_block_elems(type), BS = hq_block_bytes(type), G = QK / 32, sgn = type == HQ_Q8_0;
+    const int64_t k = J->k;
+    __m256 acc[4];
+    for (int i = 0; i < MB; i++) acc[i] = _mm256_setzero_ps();
+    const uint8_t *pf = wr + HQ_PF_AHEAD * J->rowbytes;
+    for (int64_t b = 0; b < k / QK; b++) {
+        const uint8_t *blk = wr + b * BS;
+        hq_prefetch_span(pf + b * BS, BS);
+        for (int g = 0; g < G; g++) {
+            const int64_t gi = b * G + g;
+            float da, ma, db, mb;
+            __m256i u = hq_group_u8(type, blk, g);
+            hq_group_scales(type, blk, g, &da, &ma, &db, &mb);
+            __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
+            __m256 vda = _mm256_set1_ps(da), vma = _mm256_set1_ps(ma), vdb = _mm256_set1_ps(db), vmb = _mm256_set1_ps(mb);
+            __m256 w0 = _mm256_fmadd_ps(hq_u8x8_to_ps(lo, sgn), vda, vma);
+            __m256 w1 = _mm256_fmadd_ps(hq_u8x8_to_ps(_mm_srli_si128(lo, 8), sgn), vda, vma);
+            __m256 w2 = _mm256_fmadd_ps(hq_u8x8_to_ps(hi, sgn), vdb, vmb);
+            __m256 w3 = _mm256_fmadd_ps(hq_u8x8_to_ps(_mm_srli_si128(hi, 8), sgn), vdb, vmb);
+            for (int i = 0; i < MB; i++) {
+                const float *xi = J->x + (i0 + i) * k + gi * 32;
+                acc[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xi), acc[i]);
+                acc[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xi + 8), acc[i]);
+                acc[i] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xi + 16), acc[i]);
+                acc[i] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xi + 24), acc[i]);
+            }
+        }
+    }
+    for (int i = 0; i < MB; i++) J->y[(i0 + i) * J->n + r] = hq_hsum256(acc[i]);
+}
+HQ_ALWAYS_INLINE void hq_dec_f32_avx2(const hq_job *J, int64_t r0, int64_t r1, const int type) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = J->w + r * J->rowbytes;
+        int64_t i0 = 0;
+        for (; i0 + 4 <= J->m; i0 += 4) hq_dec_f32_pass_avx2(J, wr, r, i0, 4, type);
+        for (; i0 < J->m; i0++) hq_dec_f32_pass_avx2(J, wr, r, i0, 1, type);
+    }
+}
+#endif /* HQ_HAVE_AVX2 */
+
+#ifdef HQ_HAVE_AVX512
+/* float mode, AVX-512 (16 lanes), weight rows [r, r + NR) against activation rows [i0, i0 + MB).
+ * One activation row: the scale is applied once per group to the partial dot (t * da) and the offset through
+ * the group sum of x (ma * sum x); several rows: the group is dequantized once, then one FMA per row and half. */
+HQ_ALWAYS_INLINE __m512 hq_u8x16_to_ps(__m128i v16, const int sgn) {
+    return _mm512_cvtepi32_ps(sgn ? _mm512_cvtepi8_epi32(v16) : _mm512_cvtepu8_epi32(v16));
+}
+HQ_ALWAYS_INLINE void hq_dec_f32_pass_avx512(const hq_job *J, int64_t r, const int NR, int64_t i0, const int MB,
+                                             const int type) {
+    const int QK = hq_block_elems(type), BS = hq_block_bytes(type), G = QK / 32;
+    const int sgn = type == HQ_Q8_0, split = type == HQ_Q6_K, delayed = MB == 1 && !split, ktab = G > 1;
+    const int64_t k = J->k, ng = k / 32;
+    __m512 acc[4][4];
+    __m128 macc[4];
+    float tab[4][16];
+    for (int rr = 0; rr < NR; rr++) {
+        macc[rr] = _mm_setzero_ps();
+        for (int i = 0; i < MB; i++) acc[rr][i] = _mm512_setzero_ps();
+    }
+    const uint8_t *pf = J->w + (r + HQ_PF_AHEAD * NR) * J->rowbytes;
+    for (int64_t b = 0; b < k / QK; b++) {
+        hq_prefetch_span(pf + b * NR * BS, NR * BS);
+        if (ktab)
+            for (int rr = 0; rr < NR; rr++) hq_kblock_tab(type, J->w + (r + rr) * J->rowbytes + b * BS, tab[rr]);
+        for (int g = 0; g < G; g++) {
+            const int64_t gi = b * G + g;
+            __m512 x0 = _mm512_setzero_ps(), x1 = x0;
+            __m128 xsv = _mm_setzero_ps();
+            if (delayed) {
+                x0 = _mm512_loadu_ps(J->x + i0 * k + gi * 32);
+                x1 = _mm512_loadu_ps(J->x + i0 * k + gi * 32 + 16);
+                xsv = _mm_setr_ps(1.0f, J->xs[i0 * ng + gi], 0.0f, 0.0f);
+            }
+            for (int rr = 0; rr < NR; rr++) {
+                const uint8_t *blk = J->w + (r + rr) * J->rowbytes + b * BS;
+                __m256i u = hq_group_u8(type, blk, g);
+                __m128 dm = ktab ? _mm_castpd_ps(_mm_load_sd((const double *)(tab[rr] + 2 * g))) : hq_group_dm(type, blk, g);
+                __m512 lo = hq_u8x16_to_ps(_mm256_castsi256_si128(u), sgn);
+                __m512 hi = hq_u8x16_to_ps(_mm256_extracti128_si256(u, 1), sgn);
+                if (delayed) { /* p = [da, ma * sum x] */
+                    __m128 p = _mm_mul_ps(dm, xsv);
+                    __m512 t = _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
+                    acc[rr][0] = _mm512_fmadd_ps(t, _mm512_broadcastss_ps(p), acc[rr][0]);
+                    macc[rr] = _mm_add_ps(macc[rr], p);
+                    continue;
+                }
+                __m512 w0, w1;
+                if (split) { /* dm = [da, db], offsets -32 da, -32 db */
+                    __m512 da = _mm512_broadcastss_ps(dm), db = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+                    w0 = _mm512_mul_ps(_mm512_sub_ps(lo, _mm512_set1_ps(32.0f)), da);
+                    w1 = _mm512_mul_ps(_mm512_sub_ps(hi, _mm512_set1_ps(32.0f)), db);
+                } else {
+                    __m512 da = _mm512_broadcastss_ps(dm), ma = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+                    w0 = _mm512_fmadd_ps(lo, da, ma);
+                    w1 = _mm512_fmadd_ps(hi, da, ma);
+                }
+                for (int i = 0; i < MB; i++) {
+                    const float *xi = J->x + (i0 + i) * k + gi * 32;
+                    acc[rr][i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), acc[rr][i]);
+                    acc[rr][i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), acc[rr][i]);
+                }
+            }
+        }
+    }
+    for (int rr = 0; rr < NR; rr++)
+        for (int i = 0; i < MB; i++)
+            J->y[(i0 + i) * J->n + r + rr] =
+                _mm512_reduce_add_ps(acc[rr][i]) + (delayed ? _mm_cvtss_f32(_mm_movehdup_ps(macc[rr])) : 0.0f);
+}
+HQ_ALWAYS_INLINE void hq_dec_f32_avx512(const hq_job *J, int64_t r0, int64_t r1, const int type) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        int64_t i0 = 0;
+        for (; i0 + 4 <= J->m; i0 += 4) {
+            hq_dec_f32_pass_avx512(J, r, 2, i0, 4, type);
+            hq_dec_f32_pass_avx512(J, r + 2, 2, i0, 4, type);
+        }
+        for (; i0 < J->m; i0++) hq_dec_f32_pass_avx512(J, r, 4, i0, 1, type);
+    }
+    for (; r < r1; r++) {
+        int64_t i0 = 0;
+        for (; i0 + 4 <= J->m; i0 += 4) hq_dec_f32_pass_avx512(J, r, 1, i0, 4, type);
+        for (; i0 < J->m; i0++) hq_dec_f32_pass_avx512(J, r, 1, i0, 1, type);
+    }
+}
+
+/* =====================================================================================================
+ * 4. AVX-512 VNNI GEMM. A tile of 16 weight rows is unpacked into an int8 buffer laid out
+ *    [group][quad 0..7][row 0..15][4 bytes], so that one vpdpbusd (16 lanes = 16 weight rows, 4 bytes
+ *    each) against a broadcast 4-byte slice of one activation row advances 16 dot products; per group
+ *    the int32 lanes are scaled once: y += cvt(dot) * (d_row * d_x) + m_row * (d_x * sum q_x).
+ *    Q8_0 is stored as u = q + 128 with m = -128 d; Q6_K keeps separate scales per 16-element half.
+ *    int16 activations reuse the same tiles: vpshufb widens bytes (0, 1) and (2, 3) of each lane to int16
+ *    pairs for two vpdpwssd against broadcast pairs of activations.
+ * ===================================================================================================== */
+#define HQ_NR 16
+#define HQ_MR 8
+
+/* Transpose 8 rows of 8 dwords (ymm each) in place: r[j] becomes column j. */
+HQ_ALWAYS_INLINE void hq_transpose8x8(__m256 *r) {
+    __m256 t[8], s[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        s[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        r[j] = _mm256_permute2f128_ps(s[j], s[j + 4], 0x20);
+        r[j + 4] = _mm256_permute2f128_ps(s[j], s[j + 4], 0x31);
+    }
+}
+
+/* Unpack blocks [b0, b1) of weight rows [r0, r0 + nr) (nr <= 16) into pu [group][8][16][4], ps [group][2][16]
+ * (scales of the two halves; the second only for Q6_K) and pm [group][2][16] (offsets); missing rows are zero. Per group, the 16 rows'
+ * 32 bytes are transposed as two 8x8 dword matrices. */
+HQ_ALWAYS_INLINE void hq_gemm_pack(const hq_job *J, int64_t r0, int nr, int64_t b0, int64_t b1, uint8_t *pu,
+                                   float *ps, float *pm, const int type) {
+    const int QK = hq_block_elems(type), BS = hq_block_bytes(type), G = QK / 32, sgn = type == HQ_Q8_0;
+    const int ktab = G > 1, split = type == HQ_Q6_K;
+    const __mmask16 rows = (__mmask16)((1u << nr) - 1u);
+    const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)J->rowbytes));
+    float tab[HQ_NR][16];
+    for (int64_t b = b0; b < b1; b++) {
+        const uint8_t *base = J->w + r0 * J->rowbytes + b * BS;
+        for (int rr = 0; rr < HQ_NR; rr++) /* the same blocks of the next tile of rows */
+            hq_prefetch_span(base + (HQ_NR + rr) * J->rowbytes, BS);
+        if (ktab) {
+            for (int rr = 0; rr < nr; rr++) hq_kblock_tab(type, base + rr * J->rowbytes, tab[rr]);
+        } else { /* one group per block: gather the 16 rows' fp16 d (and m) at once */
+            __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, offs, base, 1);
+            __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)), m;
+            switch (type) {
+            case HQ_Q4_1: case HQ_Q5_1: m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))); break;
+            case HQ_Q4_0: m = _mm512_mul_ps(d, _mm512_set1_ps(-8.0f)); break;
+            case HQ_Q5_0: m = _mm512_mul_ps(d, _mm512_set1_ps(-16.0f)); break;
+            default: m = _mm512_mul_ps(d, _mm512_set1_ps(-128.0f)); /* Q8_0 stored as q + 128 */
+            }
+            _mm512_storeu_ps(ps + (b - b0) * 32, d);
+            _mm512_storeu_ps(pm + (b - b0) * 32, m);
+        }
+        for (int g = 0; g < G; g++) {
+            const int64_t gi = (b - b0) * G + g;
+            float *gs = ps + gi * 32, *gm = pm + gi * 32;
+            __m256 lo[8], hi[8];
+            for (int rr = 0; rr < HQ_NR; rr++) {
+                __m256i u = _mm256_setzero_si256();
+                if (rr < nr) {
+                    u = hq_group_u8(type, base + rr * J->rowbytes, g);
+                    if (sgn) u = _mm256_xor_si256(u, _mm256_set1_epi8((char)0x80)); /* int8 q -> u8 q + 128 */
+                }
+                if (rr < 8) lo[rr] = _mm256_castsi256_ps(u);
+                else hi[rr - 8] = _mm256_castsi256_ps(u);
+                if (ktab) {
+                    float da = 0.0f, ma = 0.0f, db = 0.0f, mb = 0.0f;
+                    if (rr < nr) {
+                        da = tab[rr][2 * g];
+                        if (split) { db = tab[rr][2 * g + 1]; ma = -32.0f * da; mb = -32.0f * db; }
+                        else ma = tab[rr][2 * g + 1];
+                    }
+                    gs[rr] = da; gm[rr] = ma;
+                    if (split) { gs[16 + rr] = db; gm[16 + rr] = mb; }
+                }
+            }
+            hq_transpose8x8(lo);
+            hq_transpose8x8(hi);
+            float *dst = (float *)(pu + gi * 512);
+            for (int qd = 0; qd < 8; qd++) {
+                _mm256_storeu_ps(dst + qd * 16, lo[qd]);
+                _mm256_storeu_ps(dst + qd * 16 + 8, hi[qd]);
+            }
+        }
+    }
+}
+
+/* y[i0 .. i0+MR) x [c0, c0 + nc) += packed groups [g0, g1) (or = when !accum). */
+HQ_ALWAYS_INLINE void hq_gemm_micro(const hq_job *J, const uint8_t *pu, const float *ps, const float *pm, int64_t i0,
+                                    int64_t c0, int nc, int64_t g0, int64_t g1, int accum, const int MR,
+                                    const int split, const int wide) {
+    const int64_t k = J->k, ng = k / 32;
+    const __mmask16 mask = (__mmask16)((1u << nc) - 1u);
+    /* int16 activations: bytes (0, 1) and (2, 3) of each 4-byte lane, zero-extended to int16 pairs */
+    const __m512i sel_lo = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -128, 1, -128, 4, -128, 5, -128,
+                                                                 8, -128, 9, -128, 12, -128, 13, -128));
+    const __m512i sel_hi = _mm512_broadcast_i32x4(_mm_setr_epi8(2, -128, 3, -128, 6, -128, 7, -128,
+                                                                 10, -128, 11, -128, 14, -128, 15, -128));
+    __m512 accf[HQ_MR];
+    __m512i acci[HQ_MR];
+    for (int i = 0; i < MR; i++)
+        accf[i] = accum ? _mm512_maskz_loadu_ps(mask, J->y + (i0 + i) * J->n + c0) : _mm512_setzero_ps();
+    for (int64_t gi = g0; gi < g1; gi++) {
+        const uint8_t *pg = pu + (gi - g0) * 512;
+        const float *pgs = ps + (gi - g0) * 32, *pgm = pm + (gi - g0) * 32;
+        for (int i = 0; i < MR; i++) acci[i] = _mm512_setzero_si512();
+        for (int qd = 0; qd < 8; qd++) {
+            __m512i wv = _mm512_loadu_si512((const void *)(pg + qd * 64));
+            if (wide) {
+                __m512i w0 = _mm512_shuffle_epi8(wv, sel_lo), w1 = _mm512_shuffle_epi8(wv, sel_hi);
+                for (int i = 0; i < MR; i++) {
+                    int32_t x2[2];
+                    memcpy(x2, J->q16 + (i0 + i) * k + gi * 32 + qd * 4, 8);
+                    acci[i] = _mm512_dpwssd_epi32(acci[i], w0, _mm512_set1_epi32(x2[0]));
+                    acci[i] = _mm512_dpwssd_epi32(acci[i], w1, _mm512_set1_epi32(x2[1]));
+                }
+            } else {
+                for (int i = 0; i < MR; i++) {
+                    int32_t qx;
+                    memcpy(&qx, J->q + (i0 + i) * k + gi * 32 + qd * 4, 4);
+                    acci[i] = _mm512_dpbusd_epi32(acci[i], wv, _mm512_set1_epi32(qx));
+                }
+            }
+            if (split && qd == 3) { /* first 16 elements of the group have their own scale */
+                __m512 sv = _mm512_loadu_ps(pgs), mv = _mm512_loadu_ps(pgm);
+                for (int i = 0; i < MR; i++) {
+                    const float *a = J->ad + ((i0 + i) * ng + gi) * 4;
+                    accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[i]), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf[i]);
+                    accf[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a[2]), accf[i]);
+                    acci[i] = _mm512_setzero_si512();
+                }
+            }
+        }
+        __m512 sv = _mm512_loadu_ps(pgs + (split ? 16 : 0)), mv = _mm512_loadu_ps(pgm + (split ? 16 : 0));
+        for (int i = 0; i < MR; i++) {
+            const float *a = J->ad + ((i0 + i) * ng + gi) * 4;
+            accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[i]), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf[i]);
+            accf[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(split ? a[3] : a[1]), accf[i]);
+        }
+    }
+    for (int i = 0; i < MR; i++) _mm512_mask_storeu_ps(J->y + (i0 + i) * J->n + c0, mask, accf[i]);
+}
+
+/* Weight rows [r0, r1) in tiles of 16; K in chunks whose quantized activations (all m rows) stay in L2. */
+HQ_ALWAYS_INLINE void hq_gemm_int(const hq_job *J, int64_t r0, int64_t r1, const int type, const int wide) {
+    const int G = hq_block_elems(type) / 32, split = type == HQ_Q6_K;
+    const int64_t nb = J->k / (32 * G);
+    int64_t max_groups = (192 * 1024) / (32 * (wide ? 2 : 1) * (J->m > 0 ? J->m : 1));
+    int64_t bpc = max_groups / G < 1 ? 1 : max_groups / G; /* blocks per chunk */
+    const int64_t nchunks = (nb + bpc - 1) / bpc;
+    bpc = (nb + nchunks - 1) / nchunks;
+    uint8_t *pu = (uint8_t *)aligned_alloc(64, (size_t)(bpc * G * 512));
+    float *ps = (float *)aligned_alloc(64, (size_t)(bpc * G * 32 * sizeof(float)));
+    float *pm = (float *)aligned_alloc(64, (size_t)(bpc * G * 32 * sizeof(float)));
+    if (!pu || !ps || !pm) { free(pu); free(ps); free(pm); *J->failed = 1; return; }
+    for (int64_t c0 = r0; c0 < r1; c0 += HQ_NR) {
+        const int nc = (int)(r1 - c0 < HQ_NR ? r1 - c0 : HQ_NR);
+        for (int64_t b0 = 0; b0 < nb; b0 += bpc) {
+            const int64_t b1 = b0 + bpc < nb ? b0 + bpc : nb, g0 = b0 * G, g1 = b1 * G;
+            const int accum = b0 > 0;
+            hq_gemm_pack(J, c0, nc, b0, b1, pu, ps, pm, type);
+            int64_t i0 = 0;
+            for (; i0 + HQ_MR <= J->m; i0 += HQ_MR)
+                hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, HQ_MR, split, wide);
+            for (; i0 + 4 <= J->m; i0 += 4) hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, 4, split, wide);
+            for (; i0 < J->m; i0++) hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, 1, split, wide);
+        }
+    }
+    free(pu); free(ps); free(pm);
+}
+#endif /* HQ_HAVE_AVX512 */
+
+/* =====================================================================================================
+ * 5. Per-type instantiation, dequantization, API, threading
+ * ===================================================================================================== */
+typedef void (*hq_kernel)(const hq_job *, int64_t, int64_t);
+
+/* kernel kinds, per instruction set and type */
+enum { HQ_K_DEC_I8, HQ_K_DEC_F32, HQ_K_GEMM_I8, HQ_K_DEC_I16, HQ_K_GEMM_I16, HQ_K_KINDS };
+#define HQ_NTYPES 8
+#define HQ_FOR_TYPES(X) X(HQ_Q4_0) X(HQ_Q4_1) X(HQ_Q5_0) X(HQ_Q5_1) X(HQ_Q8_0) X(HQ_Q4_K) X(HQ_Q5_K) X(HQ_Q6_K)
+static int hq_type_index(int type) {
+    switch (type) {
+    case HQ_Q4_0: return 0; case HQ_Q4_1: return 1; case HQ_Q5_0: return 2; case HQ_Q5_1: return 3;
+    case HQ_Q8_0: return 4; case HQ_Q4_K: return 5; case HQ_Q5_K: return 6; case HQ_Q6_K: return 7;
+    default: return -1;
+    }
+}
+#define HQ_NAMES(P) {P##HQ_Q4_0, P##HQ_Q4_1, P##HQ_Q5_0, P##HQ_Q5_1, P##HQ_Q8_0, P##HQ_Q4_K, P##HQ_Q5_K, P##HQ_Q6_K}
+
+#ifdef HQ_HAVE_AVX2
+#define HQ_DEF_AVX2(T)                                                                                       \
+    static void hq_avx2_i8_##T(const hq_job *J, int64_t a, int64_t b) { hq_dec_int(J, a, b, T, 0, 0); }       \
+    static void hq_avx2_f32_##T(const hq_job *J, int64_t a, int64_t b) { hq_dec_f32_avx2(J, a, b, T); }       \
+    static void hq_avx2_i16_##T(const hq_job *J, int64_t a, int64_t b) { hq_dec_int(J, a, b, T, 0, 1); }
+HQ_FOR_TYPES(HQ_DEF_AVX2)
+static const hq_kernel hq_avx2_table[HQ_K_KINDS][HQ_NTYPES] = {
+    HQ_NAMES(hq_avx2_i8_), HQ_NAMES(hq_avx2_f32_), {0}, HQ_NAMES(hq_avx2_i16_), {0}};
+#endif
+#ifdef HQ_HAVE_AVX512
+#define HQ_DEF_AVX512(T)                                                                                      \
+    static void hq_avx512_i8_##T(const hq_job *J, int64_t a, int64_t b) { hq_dec_int(J, a, b, T, 1, 0); }      \
+    static void hq_avx512_f32_##T(const hq_job *J, int64_t a, int64_t b) { hq_dec_f32_avx512(J, a, b, T); }    \
+    static void hq_avx512_gi8_##T(const hq_job *J, int64_t a, int64_t b) { hq_gemm_int(J, a, b, T, 0); }       \
+    static void hq_avx512_i16_##T(const hq_job *J, int64_t a, int64_t b) { hq_dec_int(J, a, b, T, 1, 1); }     \
+    static void hq_avx512_gi16_##T(const hq_job *J, int64_t a, int64_t b) { hq_gemm_int(J, a, b, T, 1); }
+HQ_FOR_TYPES(HQ_DEF_AVX512)
+static const hq_kernel hq_avx512_table[HQ_K_KINDS][HQ_NTYPES] = {
+    HQ_NAMES(hq_avx512_i8_), HQ_NAMES(hq_avx512_f32_), HQ_NAMES(hq_avx512_gi8_), HQ_NAMES(hq_avx512_i16_),
+    HQ_NAMES(hq_avx512_gi16_)};
+#endif
+
+static hq_kernel hq_pick(int isa, int kind, int type) {
+    int t = hq_type_index(type);
+    if (t < 0) return 0;
+#ifdef HQ_HAVE_AVX512
+    if (isa == 2) return hq_avx512_table[kind][t];
+#endif
+#ifdef HQ_HAVE_AVX2
+    if (isa == 1) return hq_avx2_table[kind][t];
+#endif
+    (void)kind;
+    return 0;
+}
+
+int herd_q_abi_version(void) { return HQ_ABI_VERSION; }
+int herd_q_set_gemm_min_rows(int m) {
+    int old = hq_gemm_min_rows;
+    if (m > 0) hq_gemm_min_rows = m;
+    return old;
+}
+int herd_q_best_isa(void) {
+#if defined(HQ_HAVE_AVX512)
+    return 2;
+#elif defined(HQ_HAVE_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
+int herd_q_block_elems(int type) { return hq_block_elems(type); }
+int herd_q_block_bytes(int type) { return hq_block_bytes(type); }
+
+static int hq_resolve_isa(int isa) {
+    if (isa < 0) return herd_q_best_isa();
+    return isa <= herd_q_best_isa() ? isa : HQ_ERR_ISA;
+}
+
+/* Split [0, n) over T threads in units of 'align' rows; thread t gets [*a, *b). */
+static void hq_split(int64_t n, int t, int T, int64_t align, int64_t *a, int64_t *b) {
+    int64_t units = (n + align - 1) / align;
+    int64_t u0 = units * t / T, u1 = units * (t + 1) / T;
+    *a = u0 * align < n ? u0 * align : n;
+    *b = u1 * align < n ? u1 * align : n;
+}
+
+static int hq_threads(int nthreads, int64_t work) {
+    int nt = nthreads > 0 ? nthreads : 1;
+    if (work < (1 << 16)) nt = 1; /* too small to pay for a fork/join */
+    return nt;
+}
+
+/* Activation rows [a, b): int8 / int16 quantization or (float mode) group sums. */
+static void hq_prepare_rows(const hq_job *J, int8_t *q, int16_t *q16, float *ad, float *xs, int64_t a, int64_t b,
+                            int isa) {
+    const int64_t k = J->k, ng = k / 32;
+    for (int64_t i = a; i < b; i++) {
+        if (J->mode == HQ_MODE_F32) hq_group_sums_row(J->x + i * k, k, xs + i * ng);
+        else hq_quantize_row(J->x + i * k, k, q ? q + i * k : NULL, q16 ? q16 + i * k : NULL, ad + i * ng * 4, isa);
+    }
+}
+
+int herd_q_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int type, int64_t n, float *y, int mode,
+                  int isa, int nthreads) {
+    const int QK = hq_block_elems(type);
+    if (!QK) return HQ_ERR_TYPE;
+    if (m < 0 || n < 0 || k <= 0 || k % QK) return HQ_ERR_SHAPE;
+    if (mode != HQ_MODE_F32 && mode != HQ_MODE_I8 && mode != HQ_MODE_I16) return HQ_ERR_MODE;
+    isa = hq_resolve_isa(isa);
+    if (isa < 0) return isa;
+    if (m == 0 || n == 0) return 0;
+
+    int failed = 0;
+    hq_job J = {m, k, n, (k / QK) * hq_block_bytes(type), type, mode, x, w, y, NULL, NULL, NULL, NULL, &failed};
+    int8_t *q = NULL;
+    int16_t *q16 = NULL;
+    float *ad = NULL, *xs = NULL;
+    const int64_t ng = k / 32;
+    if (mode == HQ_MODE_F32) {
+        xs = (float *)malloc(sizeof(float) * (size_t)(m * ng));
+        if (!xs) return HQ_ERR_NOMEM;
+        J.xs = xs;
+    } else {
+        if (mode == HQ_MODE_I8) q = (int8_t *)malloc((size_t)(m * k));
+        else q16 = (int16_t *)malloc(sizeof(int16_t) * (size_t)(m * k));
+        ad = (float *)malloc(sizeof(float) * (size_t)(m * ng * 4));
+        if ((!q && !q16) || !ad) { free(q); free(q16); free(ad); return HQ_ERR_NOMEM; }
+        J.q = q;
+        J.q16 = q16;
+        J.ad = ad;
+    }
+    hq_kernel kern = NULL;
+    int64_t align = 1;
+    if (isa > 0) {
+        int kind = mode == HQ_MODE_F32 ? HQ_K_DEC_F32 : mode == HQ_MODE_I8 ? HQ_K_DEC_I8 : HQ_K_DEC_I16;
+        align = 4; /* the decode kernels take 4 (AVX-512) or 2 (AVX2) weight rows per pass */
+        if (isa == 2 && mode != HQ_MODE_F32 && m >= hq_gemm_min_rows) {
+            kind = mode == HQ_MODE_I8 ? HQ_K_GEMM_I8 : HQ_K_GEMM_I16;
+            align = 16;
+        }
+        kern = hq_pick(isa, kind, type);
+    }
+    const int nt = hq_threads(nthreads, m * n * k);
+    /* Few activation rows: prepare them here, so that the threads meet only once (at the end); a barrier costs
+     * little on idle cores but a whole time slice when a thread has been preempted. */
+    const int serial_prep = m * k <= 32768;
+    if (serial_prep) hq_prepare_rows(&J, q, q16, ad, xs, 0, m, isa);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = 0, T = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        int64_t a, b;
+        if (!serial_prep) {
+            hq_split(m, t, T, 1, &a, &b);
+            hq_prepare_rows(&J, q, q16, ad, xs, a, b, isa);
+#pragma omp barrier
+        }
+        hq_split(n, t, T, align, &a, &b); /* weight rows */
+        if (a < b) {
+            if (kern) kern(&J, a, b);
+            else hq_rows_scalar(&J, a, b);
+        }
+    }
+    free(q); free(q16); free(ad); free(xs);
+    return failed ? HQ_ERR_NOMEM : 0;
+}
+
+/* Dequantize rows of W: out[i, :] = dequant(row i), k floats each. */
+static void hq_dequant_row(int type, const uint8_t *wr, int64_t k, float *out, int isa) {
+    const int QK = hq_block_elems(type), BS = hq_block_bytes(type), G = QK / 32;
+    for (int64_t b = 0; b < k / QK; b++) {
+        const uint8_t *blk = wr + b * BS;
+        for (int g = 0; g < G; g++) {
+            float da, ma, db, mb, *o = out + (b * G + g) * 32;
+            hq_group_scales(type, blk, g, &da, &ma, &db, &mb);
+#ifdef HQ_HAVE_AVX2
+            if (isa >= 1) {
+                __m256i u = hq_group_u8(type, blk, g);
+                const int sgn = type == HQ_Q8_0;
+                __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
+                __m256 vda = _mm256_set1_ps(da), vma = _mm256_set1_ps(ma), vdb = _mm256_set1_ps(db), vmb = _mm256_set1_ps(mb);
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(hq_u8x8_to_ps(lo, sgn), vda, vma));
+                _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(hq_u8x8_to_ps(_mm_srli_si128(lo, 8), sgn), vda, vma));
+                _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(hq_u8x8_to_ps(hi, sgn), vdb, vmb));
+                _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(hq_u8x8_to_ps(_mm_srli_si128(hi, 8), sgn), vdb, vmb));
+                continue;
+            }
+#endif
+            (void)isa;
+            uint8_t u[32];
+            hq_group_u8_ref(type, blk, g, u);
+            for (int j = 0; j < 32; j++) {
+                float uf = type == HQ_Q8_0 ? (float)(int8_t)u[j] : (float)u[j];
+                o[j] = j < 16 ? fmaf(da, uf, ma) : fmaf(db, uf, mb);
+            }
+        }
+    }
+}
+
+int herd_q_dequantize(const uint8_t *w, int type, int64_t n, int64_t k, float *out, int isa, int nthreads) {
+    const int QK = hq_block_elems(type);
+    if (!QK) return HQ_ERR_TYPE;
+    if (n < 0 || k <= 0 || k % QK) return HQ_ERR_SHAPE;
+    isa = hq_resolve_isa(isa);
+    if (isa < 0) return isa;
+    const int64_t rowbytes = (k / QK) * hq_block_bytes(type);
+    const int nt = hq_threads(nthreads, n * k / 8);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t r = 0; r < n; r++) hq_dequant_row(type, w + r * rowbytes, k, out + r * k, isa);
+    return 0;
+}
+
+int herd_q_dequantize_rows(const uint8_t *w, int type, int64_t k, const int64_t *rows, int64_t nrows, float *out,
+                           int nthreads) {
+    const int QK = hq_block_elems(type);
+    if (!QK) return HQ_ERR_TYPE;
+    if (nrows < 0 || k <= 0 || k % QK) return HQ_ERR_SHAPE;
+    const int64_t rowbytes = (k / QK) * hq_block_bytes(type);
+    const int nt = hq_threads(nthreads, nrows * k / 8);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t i = 0; i < nrows; i++) hq_dequant_row(type, w + rows[i] * rowbytes, k, out + i * k, herd_q_best_isa());
+    return 0;
+}
+
+int herd_q_quantize_act(const float *x, int64_t m, int64_t k, void *q, float *d, int bits, int isa) {
+    if (m < 0 || k <= 0 || k % 32) return HQ_ERR_SHAPE;
+    if (bits != 8 && bits != 16) return HQ_ERR_MODE;
+    isa = hq_resolve_isa(isa);
+    if (isa < 0) return isa;
+    float *ad = (float *)malloc(sizeof(float) * (size_t)(k / 32) * 4);
+    if (!ad) return HQ_ERR_NOMEM;
+    for (int64_t i = 0; i < m; i++) {
+        if (bits == 8) hq_quantize_row(x + i * k, k, (int8_t *)q + i * k, NULL, ad, isa);
+        else hq_quantize_row(x + i * k, k, NULL, (int16_t *)q + i * k, ad, isa);
+        for (int64_t b = 0; b < k / 32; b++) d[i * (k / 32) + b] = ad[4 * b];
+    }
+    free(ad);
+    return 0;
+}
