@@ -200,6 +200,24 @@ def test_no_native_env_forces_the_fallback(monkeypatch):
     assert (native.load() is not None) == HAVE_NATIVE
 
 
+def test_fallback_caches_float_weights_until_the_blocks_change(monkeypatch):
+    calls = []
+    real = L.dequantize_torch
+    monkeypatch.setattr(L, "dequantize_torch", lambda *a: calls.append(1) or real(*a))
+    raw = torch.from_numpy(random_blocks("Q4_0", 8, 64))
+    x = torch.randn(2, 64)
+    y1 = L.quant_matmul(x, raw, 2, 8, "f32", use_native=False)
+    y2 = L.quant_matmul(x, raw, 2, 8, "f32", use_native=False)
+    assert len(calls) == 1 and torch.equal(y1, y2)
+    raw[0, 0:2] = torch.tensor([0, 0x3C], dtype=torch.uint8)  # in place: d of block 0 becomes 1.0
+    y3 = L.quant_matmul(x, raw, 2, 8, "f32", use_native=False)
+    assert len(calls) == 2 and not torch.equal(y1, y3)
+    assert rel_err(y3, x.double() @ reference_weight(raw.numpy(), "Q4_0", 8, 64).double().T) < TOL
+    monkeypatch.setattr(L, "FALLBACK_CACHE_MB", 0.0)  # over budget: not cached
+    L.quant_matmul(x, torch.from_numpy(random_blocks("Q4_0", 8, 64)), 2, 8, "f32", use_native=False)
+    assert len(L._fallback_cache) <= 1
+
+
 @pytest.mark.skipif(not HAVE_NATIVE, reason="native kernels could not be built here")
 def test_one_openmp_runtime_shared_with_torch():
     """The kernels' libgomp.so.1 must be torch's (one thread pool), not a second copy."""

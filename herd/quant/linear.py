@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -152,6 +154,32 @@ def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return (q.float().reshape(*x.shape[:-1], k // 32, 32) * d[..., None]).reshape(x.shape)
 
 
+# The fallback dequantizes a layer's blocks on every call; to keep it usable, the float weights it makes are
+# cached (bounded by HERD_FALLBACK_CACHE_MB, least recently used first out; an entry goes when its blocks are freed
+# or changed in place).
+FALLBACK_CACHE_MB = float(os.environ.get("HERD_FALLBACK_CACHE_MB", "2048"))
+_fallback_cache: OrderedDict = OrderedDict()  # id(raw) -> (raw._version, key, float weight)
+
+
+def _fallback_weight(raw: torch.Tensor, tid: int, n: int, k: int) -> torch.Tensor:
+    """dequantize_torch(raw), cached per blocks tensor."""
+    key = id(raw)
+    hit = _fallback_cache.get(key)
+    if hit is not None and hit[0] == raw._version and hit[1] == (tid, n, k):
+        _fallback_cache.move_to_end(key)
+        return hit[2]
+    w = dequantize_torch(raw.reshape(n, -1), tid, k)
+    budget = FALLBACK_CACHE_MB * 2**20
+    if w.numel() * 4 <= budget:
+        if hit is None:
+            weakref.finalize(raw, _fallback_cache.pop, key, None)
+        _fallback_cache[key] = (raw._version, (tid, n, k), w)
+        _fallback_cache.move_to_end(key)
+        while sum(e[2].numel() * 4 for e in _fallback_cache.values()) > budget:
+            _fallback_cache.popitem(last=False)
+    return w
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # native calls
 
@@ -202,7 +230,7 @@ def quant_matmul(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, n: int, act
     if lib is None:
         if use_native:
             raise ConfigError(f"native kernels requested but unavailable ({native.load_error() or 'not a CPU tensor'})")
-        w = dequantize_torch(raw.reshape(n, -1), tid, k)
+        w = _fallback_weight(raw, tid, n, k)
         x2 = x2.float()
         y = F.linear(fake_quantize_activations(x2, _ACT_BITS[mode]) if mode else x2, w)
     else:
@@ -291,6 +319,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.ggml_type, self.type_name = tid, name
         self.act, self.threads = act or DEFAULT_ACT, threads
+        self._nbytes = out_features * (in_features // qk * bs)
         self.register_buffer("weight", torch.zeros((out_features, in_features // qk * bs), dtype=torch.uint8,
                                                    device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
@@ -360,8 +389,8 @@ class QuantLinear(nn.Module):
             lib = None
         else:
             lib = native._lib if native._tried else native.load()
-        if (lib is not None and x.dtype is torch.float32 and x.is_cpu and w.is_cpu
-                and not (x.requires_grad and torch.is_grad_enabled())):
+        if (lib is not None and x.dtype is torch.float32 and x.is_cpu and w.is_cpu and w.is_contiguous()
+                and w.numel() == self._nbytes and not (x.requires_grad and torch.is_grad_enabled())):
             # eager fast path: one ctypes call (~5 us of overhead in all)
             k, n = self.in_features, self.out_features
             if x.shape[-1] != k:
