@@ -46,5 +46,9 @@ bench: model $(LLAMACPP)
 finetune-demo: model
 	$(PY) examples/finetune_demo.py
 
+# Trains a small early-fusion vision encoder (+ LoRA) on generated images and reports held-out accuracy.
+vision-demo: model
+	$(PY) examples/vision_demo.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info
