@@ -7,6 +7,7 @@ as complete UTF-8 characters only, with stop strings held back until they can no
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -110,6 +111,15 @@ class _Seq:
         return Completion(self.prompt, list(self.out), self.text, self.finish, self.logprobs)
 
 
+def activation_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of the model's activations: those of its first floating-point parameter or buffer
+    (quantized models keep int8 blocks in some modules, so no single named weight can be relied on)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return torch.float32, torch.device("cpu")
+
+
 class BatchRun:
     """Generation for a batch of prompts: validated on construction, iterate for Deltas, then completions()."""
 
@@ -148,8 +158,7 @@ class BatchRun:
         if not live:
             return
         max_len = max(len(s.prompt) + s.max_new for s in live)
-        dtype = model.norm.weight.dtype
-        device = model.norm.weight.device
+        dtype, device = activation_dtype_device(model)
         cache = KVCache(model.config, batch=len(live), max_len=max_len, dtype=dtype, device=device)
         row = {id(s): r for r, s in enumerate(live)}
         with torch.inference_mode():
