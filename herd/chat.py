@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
-HELP = "commands: /system TEXT (set the system prompt and start over), /reset, /exit (or Ctrl-D); Ctrl-C stops a reply"
+HELP = ("commands: /system TEXT (set the system prompt and start over), /image PATH (attach a picture to your next "
+        "message; /image alone drops it), /reset, /exit (or Ctrl-D); Ctrl-C stops a reply")
 
 
 def _reply(llm, messages, sampling, out) -> str:
@@ -22,18 +24,39 @@ def _reply(llm, messages, sampling, out) -> str:
     return "".join(pieces)
 
 
-def run_chat(llm, system: str | None = None, sampling: dict | None = None, stdin=None, stdout=None) -> None:
-    """Chat with history. Not a terminal: read one user message from stdin, print the reply, return."""
+def accepts_images(llm) -> bool:
+    """Whether a model object takes image parts in its messages (ImageChat, a vision checkpoint's VisionLLM)."""
+    return bool(getattr(llm, "accepts_images", False))
+
+
+def run_chat(llm, system: str | None = None, sampling: dict | None = None, stdin=None, stdout=None,
+             images: list | None = None, vision_loader: Callable[[], object] | None = None) -> None:
+    """Chat with history. Not a terminal: read one user message from stdin, print the reply, return.
+
+    images: pictures attached to the first message (`herd chat --image`). vision_loader: called once, the first time
+    an image is attached to a model that takes none, to get one that does (e.g. the default vision model); it raises
+    a HerdError saying what is missing when there is none.
+    """
+    from herd.errors import HerdError
+    from herd.multimodal import image_command, user_message
+
     stdin, out = stdin or sys.stdin, stdout or sys.stdout
     sampling = dict(sampling or {})
+    pending = list(images or [])
+    if pending and not accepts_images(llm):
+        if vision_loader is None:
+            raise_no_images(llm)
+        llm = vision_loader()
     base = [{"role": "system", "content": system}] if system else []
     if not stdin.isatty():
         text = stdin.read().strip()
-        if text:
-            _reply(llm, base + [{"role": "user", "content": text}], sampling, out)
+        if text or pending:
+            _reply(llm, base + [user_message(text, pending)], sampling, out)
         return
     messages = list(base)
     out.write(f"herd chat with {llm.source} ({HELP})\n")
+    if pending:
+        out.write(f"({len(pending)} image(s) attached to your first message)\n")
     while True:
         try:
             line = input("> ")
@@ -49,7 +72,7 @@ def run_chat(llm, system: str | None = None, sampling: dict | None = None, stdin
         if text in ("/exit", "/quit"):
             return
         if text == "/reset":
-            messages = list(base)
+            messages, pending = list(base), []
             out.write("(history cleared)\n")
             continue
         if text.startswith("/system"):
@@ -58,18 +81,35 @@ def run_chat(llm, system: str | None = None, sampling: dict | None = None, stdin
             messages = list(base)
             out.write("(system prompt set; history cleared)\n" if system else "(system prompt removed)\n")
             continue
+        if text == "/image" or text.startswith("/image "):
+            try:
+                if text != "/image" and not accepts_images(llm):
+                    if vision_loader is None:
+                        raise_no_images(llm)
+                    llm = vision_loader()
+                    out.write(f"(now chatting with {getattr(llm, 'describe', lambda: llm.source)()})\n")
+                out.write(image_command(text, pending) + "\n")
+            except HerdError as e:
+                out.write(f"error: {e}\n")
+            continue
         if text.startswith("/"):
             out.write(HELP + "\n")
             continue
-        messages.append({"role": "user", "content": line})
+        messages.append(user_message(line, pending))
         try:
             reply = _reply(llm, messages, sampling, out)
-        except Exception as e:  # a failed turn (e.g. context full) must not end the chat
-            from herd.errors import HerdError
-
+        except Exception as e:  # a failed turn (e.g. context full, a bad image) must not end the chat
             if not isinstance(e, HerdError):
                 raise
             out.write(f"error: {e}\n")
             messages.pop()
             continue
+        pending = []
         messages.append({"role": "assistant", "content": reply})
+
+
+def raise_no_images(llm):
+    from herd.errors import GenerationError
+
+    raise GenerationError(f"{llm.source} takes no images: give a vision checkpoint (Llama 3.2 Vision, Llama 4) or a "
+                          f"vision model trained with `herd train-vision` (--vision DIR)")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from herd.errors import HerdError
+from herd.errors import GenerationError, HerdError
 
 
 def _sampling(args) -> dict:
@@ -25,6 +25,13 @@ def _add_model(p, positional=False):
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's; GGUF -> float32)")
     if not positional:
         p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT layout) to run unmerged")
+
+
+def _add_images(p):
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image to ask about (repeatable): needs a vision checkpoint or a vision model (--vision)")
+    p.add_argument("--vision", default=None, metavar="DIR", help="vision model folder from `herd train-vision` "
+                   "(default: HERD_HOME/vision/<model>, used when the model itself takes no images)")
 
 
 def _add_sampling(p):
@@ -64,15 +71,45 @@ def _load_llm(args):
     return llm
 
 
+def _check_images(args) -> None:
+    """A bad --image fails before any model loads, with a FormatError naming the file."""
+    from herd.images import load_image
+
+    for path in getattr(args, "image", None) or []:
+        load_image(path)
+
+
+def _image_model(args, llm):
+    """What answers about images: the model itself when it is a vision checkpoint, else the vision model of
+    --vision (default: the one `herd train-vision` wrote for this base model) attached to it."""
+    from herd.chat import accepts_images
+
+    if accepts_images(llm):
+        return llm
+    from herd.multimodal import ImageChat
+
+    return ImageChat.load(args.vision, llm=llm, model=args.model)
+
+
 def cmd_generate(args):
     _set_threads(args)
+    _check_images(args)
     llm = _load_llm(args)
+    sampling = _sampling(args)
+    images = args.image or None
+    if images or args.vision:
+        if args.raw:
+            raise GenerationError("--raw cannot take --image: images go into a chat message")
+        llm = _image_model(args, llm)
+        call = dict(images=images)
+    else:
+        call = dict(raw=args.raw)
     if args.json:
-        c = llm.generate(args.prompt, raw=args.raw, **_sampling(args))
+        c = llm.generate(args.prompt, **call, **sampling)
         print(json.dumps({"prompt_ids": c.prompt_ids, "output_ids": c.output_ids, "text": c.text,
                           "finish_reason": c.finish_reason}, ensure_ascii=False))
         return
-    for piece in llm.stream(args.prompt, raw=args.raw, **_sampling(args)):
+    for piece in llm.stream(args.prompt, **call, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -82,8 +119,12 @@ def cmd_chat(args):
     from herd.chat import run_chat
 
     _set_threads(args)
+    _check_images(args)
     llm = _load_llm(args)
-    run_chat(llm, system=args.system, sampling=_sampling(args), stdin=sys.stdin, stdout=sys.stdout)
+    if args.vision:
+        llm = _image_model(args, llm)
+    run_chat(llm, system=args.system, sampling=_sampling(args), stdin=sys.stdin, stdout=sys.stdout,
+             images=args.image, vision_loader=lambda: _image_model(args, llm))
 
 
 def cmd_tokenize(args):
@@ -182,12 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", required=True)
     p.add_argument("--raw", action="store_true", help="no chat template: complete the text as it is")
     p.add_argument("--json", action="store_true", help="print {prompt_ids, output_ids, text}")
+    _add_images(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat (one answer when stdin is not a terminal)")
     _add_model(p)
     p.add_argument("--system", default=None, help="system prompt")
+    _add_images(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_chat, max_tokens=512)
 

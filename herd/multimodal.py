@@ -210,11 +210,12 @@ class VisionLM(Llama4Multimodal):
 
     def forward(self, tokens, input_pos=None, cache=None, pixel_values=None, last_only: bool = False,
                 cache_rows=None, feats=None):
-        """feats (n, D): precomputed image features, instead of pixel_values."""
+        """feats (n, D): precomputed image features, instead of pixel_values. The text model's vision LoRA is on."""
         if feats is None and pixel_values is not None:
             feats = self.image_features(pixel_values)
-        return self.text(tokens, input_pos, cache, embeds=self.fuse(tokens, feats), last_only=last_only,
-                         cache_rows=cache_rows)
+        with lora_switched(self.text, True):
+            return self.text(tokens, input_pos, cache, embeds=self.fuse(tokens, feats), last_only=last_only,
+                             cache_rows=cache_rows)
 
     def uses_embeds(self, tokens: torch.Tensor) -> bool:
         """Whether these ids need fused embeddings (an image or marker token is among them)."""
@@ -320,6 +321,8 @@ def load_vision(folder: str | Path, text_model) -> tuple[VisionLM, VisionSpec]:
     enc.rope_cos, enc.rope_sin = cos, sin
     if (folder / ADAPTER_CONFIG).exists():
         apply_adapter(text_model, folder)
+    # the vision LoRA works only with images (ImageBoundModel switches it on): the text model stays the base model
+    set_lora(text_model, False)
     vlm = VisionLM(text_model, vision, spec.tokens)
     with torch.no_grad():
         vlm.marker_embeddings.copy_(tensors["marker_embeddings"].to(dtype))
@@ -440,18 +443,28 @@ def encode_with_images(tokenizer, chat_format, messages: Sequence[dict], image_i
 # Generation
 
 
-class lora_disabled:
-    """Within the block, the text model's LoRA layers add nothing (their scaling is 0)."""
+def set_lora(model: nn.Module, on: bool) -> None:
+    """Switch the text model's LoRA layers on (their trained scaling) or off (scaling 0: the base model exactly)."""
+    from herd.train.lora import lora_modules
 
-    def __init__(self, model: nn.Module):
+    for m in lora_modules(model).values():
+        if not hasattr(m, "trained_scaling"):
+            m.trained_scaling = m.scaling
+        m.scaling = m.trained_scaling if on else 0.0
+
+
+class lora_switched:
+    """Within the block, the text model's LoRA layers are on or off; afterwards they are as they were."""
+
+    def __init__(self, model: nn.Module, on: bool):
         from herd.train.lora import lora_modules
 
+        self.model, self.on = model, on
         self.mods = list(lora_modules(model).values())
 
     def __enter__(self):
         self.saved = [m.scaling for m in self.mods]
-        for m in self.mods:
-            m.scaling = 0.0
+        set_lora(self.model, self.on)
 
     def __exit__(self, *exc):
         for m, s in zip(self.mods, self.saved):
@@ -477,9 +490,7 @@ class ImageBoundModel(nn.Module):
             return getattr(self.vlm.text, name)
 
     def forward(self, tokens, input_pos=None, cache=None, cache_rows=None, last_only: bool = False):
-        if self.lora_on:
-            return self._forward(tokens, input_pos, cache, cache_rows, last_only)
-        with lora_disabled(self.vlm.text):
+        with lora_switched(self.vlm.text, self.lora_on):
             return self._forward(tokens, input_pos, cache, cache_rows, last_only)
 
     def _forward(self, tokens, input_pos, cache, cache_rows, last_only):
@@ -505,6 +516,8 @@ class ImageChat:
     {"type": "image", "image": PATH | bytes | PIL image}, {"type": "image_url", "image_url": {"url": "data:..."}},
     or an "images": [...] list on the message. `images=` adds images to the last user message of the prompt.
     """
+
+    accepts_images = True
 
     def __init__(self, llm, vlm: VisionLM, spec: VisionSpec):
         self.llm, self.vlm, self.spec = llm, vlm, spec
@@ -592,12 +605,6 @@ class ImageChat:
         for delta in self.run([prompt], sampling, [images]):
             if delta.text:
                 yield delta.text
-
-    def describe(self) -> str:
-        acc = self.spec.training.get("accuracy", {})
-        extra = ", ".join(f"{k} {v:.0%}" for k, v in acc.items() if isinstance(v, float))
-        return f"vision model: {self.spec.base or 'base'} + Llama 4-layout encoder" + (f" (held-out {extra})"
-                                                                                     if extra else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
-"""`herd train-vision`, and the pieces `herd generate --image` / `herd chat --image` use (herd/cli.py adds them)."""
+"""`herd train-vision`: train the small vision model that `herd chat --image` / `herd generate --image` use."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 from herd.vision_train import VisionTrainConfig
 
@@ -60,45 +59,3 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train_vision)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# For `herd generate` / `herd chat` (called from herd/cli.py)
-
-
-def add_image_args(p) -> None:
-    """--image (repeatable) and --vision on a generate/chat parser."""
-    p.add_argument("--image", action="append", default=None, metavar="PATH",
-                   help="an image to ask about (repeatable); needs a vision model (see --vision)")
-    p.add_argument("--vision", default=None, metavar="DIR",
-                   help="vision model folder from `herd train-vision` (default: HERD_HOME/vision/<model>)")
-
-
-def image_chat_from_args(args, llm=None):
-    """An ImageChat when --image or --vision was given, else None."""
-    if not (getattr(args, "image", None) or getattr(args, "vision", None)):
-        return None
-    from herd.images import load_image
-    from herd.multimodal import ImageChat
-
-    for path in args.image or []:
-        load_image(path)  # a bad image fails here, before the model loads, with a FormatError naming it
-    return ImageChat.load(args.vision, llm=llm, model=args.model, dtype=args.dtype)
-
-
-def generate_with_images(args, sampling: dict, llm=None) -> None:
-    """`herd generate --image ...`: stream (or --json) the answer about the images (llm: the loaded text model)."""
-    from herd.errors import GenerationError
-
-    if args.raw:
-        raise GenerationError("--raw cannot take --image: images go into a chat message")
-    chat = image_chat_from_args(args, llm=llm)
-    if args.json:
-        c = chat.generate(args.prompt, images=args.image, **sampling)
-        print(json.dumps({"prompt_ids": c.prompt_ids, "output_ids": c.output_ids, "text": c.text,
-                          "finish_reason": c.finish_reason}, ensure_ascii=False))
-        return
-    for piece in chat.stream(args.prompt, images=args.image, **sampling):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")

@@ -56,22 +56,29 @@ POSITIONS = {  # name -> (x, y) centre as a fraction of the side
 MAX_COUNT = 4
 KINDS = ("colour", "shape", "position", "count")
 
-# Training phrasings; HELD_OUT phrasings appear only in evaluation (they test the language side, not the eyes).
+# Training phrasings (questions and imperatives, so that the attribute word, not the sentence form, tells the kind);
+# HELD_OUT phrasings appear only in evaluation (they test the language side, not the eyes).
 TEMPLATES = {
     "colour": ["What colour is the shape?", "What color is the object in the picture?", "Which colour is the shape?",
-               "What is the color of the shape in this image?"],
+               "What is the color of the shape in this image?", "Name the colour of the shape.",
+               "Tell me the color of the object.", "Identify the colour of the object in this image.",
+               "Say which colour the shape has."],
     "shape": ["What shape is this?", "Which shape is shown in the picture?", "What kind of shape is in the image?",
-              "What is the shape in this picture?"],
+              "What is the shape in this picture?", "Name the shape.", "Tell me which shape you see.",
+              "Identify the shape in the image.", "What shape is drawn here?"],
     "position": ["Where is the shape?", "Where is the object in the picture?", "In which part of the image is the "
-                 "shape?", "Where is the shape located?"],
+                 "shape?", "Where is the shape located?", "Tell me where the object is.",
+                 "Name the position of the shape.", "Identify where the shape is in the image.",
+                 "Which part of the picture holds the object?"],
     "count": ["How many shapes are there?", "How many objects are in the picture?", "Count the shapes in the image.",
-              "What is the number of shapes in this picture?"],
+              "What is the number of shapes in this picture?", "Tell me how many objects there are.",
+              "Name the number of shapes.", "Identify how many shapes are drawn.", "How many shapes do you see?"],
 }
 HELD_OUT = {
-    "colour": ["Tell me the colour of the object you see."],
-    "shape": ["Name the shape drawn in this image."],
-    "position": ["Which side of the picture is the object on?"],
-    "count": ["How many things can you see in this image?"],
+    "colour": ["Tell me the colour of the object you see.", "Which color has been used for the shape?"],
+    "shape": ["Name the shape drawn in this image.", "What sort of shape can you see?"],
+    "position": ["Which side of the picture is the object on?", "Where can the shape be found?"],
+    "count": ["How many things can you see in this image?", "Give the number of objects in the picture."],
 }
 
 
@@ -463,10 +470,10 @@ class VisionTrainConfig:
     # stage 1: vision pre-training
     pretrain_steps: int = 700
     pretrain_batch: int = 64
-    pretrain_lr: float = 3e-3
+    pretrain_lr: float = 1e-3
     pretrain_warmup: int = 30
     # stage 2: alignment through the language model
-    steps: int = 200
+    steps: int = 160
     batch: int = 8
     lr: float = 1e-3  # projection, markers, LoRA
     vision_lr: float = 3e-4  # encoder and adapter (already pre-trained)

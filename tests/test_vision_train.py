@@ -374,45 +374,89 @@ def test_demo_schedule_reaches_the_targets(tmp_path):
     assert acc["colour"] >= 0.9 and acc["shape"] >= 0.9 and acc["count"] >= 0.7, acc
 
 
-def test_cli_registers_train_vision_and_reports(trained):
-    import argparse
+def test_cli_registers_train_vision_and_image_options_and_reports(trained):
+    from herd.cli import build_parser
+    from herd.vision_cli import report_lines
 
-    from herd.vision_cli import add_image_args, register, report_lines
-
-    parser = argparse.ArgumentParser(prog="herd")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
+    parser = build_parser()
     a = parser.parse_args(["train-vision", "--steps", "5", "--out", "somewhere", "--threads", "2"])
     assert (a.steps, a.out, a.threads, a.func.__name__) == (5, "somewhere", 2, "cmd_train_vision")
-    g = sub.add_parser("generate")
-    add_image_args(g)
-    a = parser.parse_args(["generate", "--image", "a.png", "--image", "b.png", "--vision", "dir"])
-    assert a.image == ["a.png", "b.png"] and a.vision == "dir"
+    for cmd in ("generate", "chat"):
+        a = parser.parse_args(([cmd, "-p", "x"] if cmd == "generate" else [cmd])
+                              + ["--image", "a.png", "--image", "b.png", "--vision", "dir"])
+        assert a.image == ["a.png", "b.png"] and a.vision == "dir"
     text = report_lines(dict(trained[3], out="somewhere", total_seconds=1.0))
     assert "stage 2" in text and "colour" in text and "held-out pictures" in text
 
 
-def test_generate_with_images_cli_path(trained, smol_text, tmp_path, capsys):
-    """What `herd generate --image PATH --vision DIR --json` runs, on the tiny model."""
-    import argparse
+def test_generate_and_chat_with_images_through_the_cli(trained, smol_text, tmp_path, capsys, monkeypatch):
+    """`herd generate --image PATH --vision DIR --json` and `herd chat --image` (piped), on the tiny model."""
+    import io
     import json
 
-    from herd.vision_cli import generate_with_images
+    import herd.cli as cli
 
     _, _, out, _ = trained
     path = tmp_path / "pic.png"
     make_example(0, 1).image.save(path)
-    args = argparse.Namespace(image=[str(path)], vision=str(out), model=None, dtype=None, raw=False, json=True,
-                              prompt="What shape is this?")
-    generate_with_images(args, {"max_tokens": 3, "ignore_eos": True}, llm=_tiny_llm(smol_text))
+    monkeypatch.setattr(cli, "_load_llm", lambda args: _tiny_llm(smol_text))
+    base = ["generate", "-p", "What shape is this?", "--vision", str(out), "--max-tokens", "3"]
+    assert cli.main(base + ["--image", str(path), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
-    assert len(got["output_ids"]) == 3 and got["prompt_ids"].count(choose_image_tokens(smol_text[0]).patch) == 4
-    args.raw = True
-    with pytest.raises(GenerationError, match="--raw"):
-        generate_with_images(args, {}, llm=_tiny_llm(smol_text))
-    args.raw, args.image = False, [str(tmp_path / "missing.png")]
-    with pytest.raises(FormatError, match="missing.png"):
-        generate_with_images(args, {}, llm=_tiny_llm(smol_text))
+    assert len(got["output_ids"]) >= 1 and got["prompt_ids"].count(choose_image_tokens(smol_text[0]).patch) == 4
+    direct = ImageChat.load(out, llm=_tiny_llm(smol_text)).generate("What shape is this?", images=[str(path)],
+                                                                     max_tokens=3)
+    assert got["output_ids"] == direct.output_ids and got["prompt_ids"] == direct.prompt_ids
+
+    assert cli.main(base + ["--image", str(path), "--raw"]) == 2
+    assert "--raw" in capsys.readouterr().err
+    assert cli.main(base + ["--image", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    assert cli.main(["generate", "-p", "hi", "--image", str(path), "--vision", str(tmp_path / "none")]) == 2
+    assert "train-vision" in capsys.readouterr().err
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What shape is this?\n"))
+    assert cli.main(["chat", "--image", str(path), "--vision", str(out), "--max-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip() == direct.text.strip()
+
+
+def test_chat_loop_image_command_loads_the_vision_model_once(trained, smol_text, tmp_path, monkeypatch):
+    """In an interactive chat, /image switches a text model to its vision model and the picture goes with the next
+    message only; a bad path is reported and the chat goes on."""
+    import io
+
+    from herd.chat import run_chat
+
+    _, _, out, _ = trained
+    path = tmp_path / "pic.png"
+    make_example(0, 2).image.save(path)
+    llm = _tiny_llm(smol_text)
+    loads = []
+
+    def loader():
+        loads.append(1)
+        return ImageChat.load(out, llm=llm)
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    lines = iter([f"/image {tmp_path / 'nope.png'}", f"/image {path}", "What colour is the shape?", "And now?",
+                  "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    seen = []
+    real = ImageChat.stream
+
+    def spy(self, prompt, images=None, **kw):
+        seen.append([isinstance(m["content"], list) for m in prompt if m["role"] == "user"])
+        return real(self, prompt, images, **kw)
+
+    monkeypatch.setattr(ImageChat, "stream", spy)
+    buf = io.StringIO()
+    run_chat(llm, sampling={"max_tokens": 2}, stdin=Tty(), stdout=buf, vision_loader=loader)
+    text = buf.getvalue()
+    assert "error:" in text and "nope.png" in text and "image attached" in text
+    assert loads == [1] and seen == [[True], [True, False]]
 
 
 def test_a_typed_patch_token_without_an_image_is_a_clear_error(trained, smol_text):
@@ -421,3 +465,79 @@ def test_a_typed_patch_token_without_an_image_is_a_clear_error(trained, smol_tex
     with pytest.raises(GenerationError, match="no images bound"):
         chat.generate("what is <jupyter_code> ?", max_tokens=2)
     assert chat.generate("what is <jupyter_start> ?", max_tokens=2).finish_reason is not None  # a marker is fine
+
+
+def test_openai_client_with_an_image_gets_the_image_models_answer(trained, smol_text, tmp_path):
+    """The server's image_url parts (base64 data: URLs) through the openai client: the answer equals ImageChat's;
+    text-only requests on the same server stay the base model; bad image parts are 400s that say what is wrong."""
+    import base64
+    import io
+    import socket
+    import threading
+    import time
+
+    import openai
+    import uvicorn
+
+    from herd.server.app import create_app
+
+    _, _, out, _ = trained
+    llm = _tiny_llm(smol_text)
+    chat = ImageChat.load(out, llm=llm)
+    buf = io.BytesIO()
+    make_example(0, 3).image.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What colour is the shape?"}]}]
+    expected = chat.generate(messages, max_tokens=4, ignore_eos=True)
+    text_expected = llm.generate("Hello there", max_tokens=4, ignore_eos=True)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(llm, model_name="tiny", vision=chat, max_batch=2, ctx=512),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        kw = dict(model="tiny", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+        r = client.chat.completions.create(messages=messages, **kw)
+        assert r.choices[0].message.content == expected.text
+        assert r.usage.prompt_tokens == len(expected.prompt_ids)
+        assert r.usage.completion_tokens == sum(t not in llm.stop_ids for t in expected.output_ids)
+        pieces = [c.choices[0].delta.content or "" for c in
+                  client.chat.completions.create(messages=messages, stream=True, **kw) if c.choices]
+        assert "".join(pieces) == expected.text
+        r = client.chat.completions.create(messages=[{"role": "user", "content": "Hello there"}], **kw)
+        assert r.choices[0].message.content == text_expected.text  # the vision LoRA is off without images
+
+        def bad(content, match):
+            with pytest.raises(openai.BadRequestError, match=match):
+                client.chat.completions.create(messages=[{"role": "user", "content": content}], **kw)
+
+        bad([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}], "remote")
+        bad([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}], "image")
+        bad([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}], "unsupported")
+        with pytest.raises(openai.BadRequestError, match="only taken in user"):
+            client.chat.completions.create(messages=[
+                {"role": "system", "content": [{"type": "image_url", "image_url": {"url": url}}]},
+                {"role": "user", "content": "hi"}], **kw)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_a_server_without_a_vision_model_refuses_images(smol_text):
+    from fastapi.testclient import TestClient
+
+    from herd.server.app import create_app
+
+    app = create_app(_tiny_llm(smol_text), model_name="tiny", max_batch=1, ctx=256)
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]})
+    assert r.status_code == 400 and "takes no images" in r.json()["error"]["message"]

@@ -330,6 +330,9 @@ class Engine:
         self.running: list[Request] = []  # admission order (oldest first)
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
+        # held around every forward of the engine's model: other users of the same weights (the server's image
+        # requests) take it too, so that their forwards never interleave with a step's
+        self.model_lock = threading.Lock()
         self._incoming: list[Request] = []
         self._cancels: set[int] = set()
         self._thread: threading.Thread | None = None
@@ -614,7 +617,7 @@ class Engine:
             t = torch.tensor([tokens], device=self.device)
             p = torch.tensor([pos], device=self.device)
             rows = torch.tensor([req.row], device=self.device)
-            with sdpa_kernel(SDPBackend.MATH):
+            with self.model_lock, sdpa_kernel(SDPBackend.MATH):
                 logits = self.model(t, p, self.cache, last_only=True, cache_rows=rows)[0, -1]
             req.cached.extend(chunk)
             self.stats["prefill_tokens"] += len(chunk)
@@ -640,7 +643,7 @@ class Engine:
         rows = [r.row for r in live] + [self.scratch_row] * pad
         t = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
         p = torch.tensor(pos, device=self.device)[:, None]
-        with sdpa_kernel(SDPBackend.MATH):
+        with self.model_lock, sdpa_kernel(SDPBackend.MATH):
             logits = self.model(t, p, self.cache, cache_rows=torch.tensor(rows, device=self.device))[:, -1]  # (B, V)
         self.stats["decode_tokens"] += len(live)
         for req, tok, lg in zip(live, tokens, logits):

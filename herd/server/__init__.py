@@ -24,8 +24,9 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
           max_batch: int = 8, ctx: int | None = None, kv_tokens: int | None = None, max_queue: int = 64,
           page_size: int = 16, prefill_chunk: int = 256, prefix_cache: bool = True, dtype: str | None = None,
           served_model_name: str | None = None, chat_template: str | None = None, log_level: str = "warning",
-          max_connections: int = 1024) -> None:
-    """Load a model and serve it over HTTP until interrupted."""
+          max_connections: int = 1024, vision: str | None = None) -> None:
+    """Load a model and serve it over HTTP until interrupted. vision: a `herd train-vision` folder that answers
+    requests with images (default: the one trained for this model, when there is one)."""
     import uvicorn
 
     from herd.api import load
@@ -42,10 +43,18 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
     if ctx is not None and not 2 <= ctx <= llm.config.max_seq_len:
         raise ConfigError(f"--ctx {ctx}: must be between 2 and the model's context, {llm.config.max_seq_len}")
     name = served_model_name or model_name_for(model)
+    image_model = None
+    if not getattr(llm, "accepts_images", False):
+        from herd.multimodal import CONFIG_FILE, ImageChat, default_vision_dir
+
+        if vision is not None or (default_vision_dir(model) / CONFIG_FILE).exists():
+            image_model = ImageChat.load(vision, llm=llm, model=model)
+            print(f"herd: images answered by the vision model in {vision or default_vision_dir(model)}",
+                  file=sys.stderr, flush=True)
     aliases = {llm.source, model_name_for(llm.source)} | ({model} if model else set())
-    app = create_app(llm, model_name=name, api_key=api_key, aliases=aliases, max_batch=max_batch, ctx=ctx,
-                     kv_tokens=kv_tokens, max_queue=max_queue, page_size=page_size, prefill_chunk=prefill_chunk,
-                     prefix_cache=prefix_cache)
+    app = create_app(llm, model_name=name, api_key=api_key, aliases=aliases, vision=image_model, max_batch=max_batch,
+                     ctx=ctx, kv_tokens=kv_tokens, max_queue=max_queue, page_size=page_size,
+                     prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
     engine = app.state.engine
     loopback = host in ("127.0.0.1", "localhost", "::1")
     print(f"herd: serving {name} at http://{host}:{port} (batch {max_batch}, context {engine.ctx}, "

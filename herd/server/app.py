@@ -122,8 +122,9 @@ class Metrics:
 
 # ---------------------------------------------------------------------------------------------------- the state
 class ServerState:
-    def __init__(self, llm, engine: Engine, model_name: str, api_key: str | None, aliases=()):
+    def __init__(self, llm, engine: Engine, model_name: str, api_key: str | None, aliases=(), vision=None):
         self.llm, self.engine, self.model_name, self.api_key = llm, engine, model_name, api_key
+        self.vision = vision  # what answers requests with images (ImageChat or a vision checkpoint), or None
         self.llm_stop_ids = llm.stop_ids
         self.names = {model_name, *aliases}
         self.created = int(time.time())
@@ -314,6 +315,48 @@ class _Choices:
             yield choice, ev
 
 
+class _ImageChoices:
+    """The choices of one request with images: a BatchRun of the vision model, stepped in a worker thread that
+    takes the engine's model lock for each step (the text weights are shared with the engine); same events() and
+    cancel() as _Choices."""
+
+    def __init__(self, state: ServerState, run, n: int):
+        import threading
+
+        self.state, self.loop, self.run, self.n = state, asyncio.get_running_loop(), run, n
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.arrival = time.monotonic()
+        self.cancelled = threading.Event()
+        threading.Thread(target=self._work, name="herd-images", daemon=True).start()
+
+    def _put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _work(self) -> None:
+        it = iter(self.run)
+        try:
+            while not self.cancelled.is_set():
+                with self.state.engine.model_lock:
+                    ev = next(it, None)
+                if ev is None:
+                    break
+                self._put((ev.index, ev))
+        except BaseException as e:  # reported to the request, never lost in the thread
+            self._put((0, e))
+            return
+        for i in range(self.n):
+            self._put((i, None))
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    events = _Choices.events
+
+    @property
+    def ids(self) -> range:  # one per choice, for events()
+        return range(self.n)
+
+
 async def _until_disconnect(request: Request) -> None:
     while True:
         message = await request.receive()
@@ -358,14 +401,17 @@ def _chat_logprob(state: ServerState, lp) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- the app
 def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), engine: Engine | None = None,
-               **engine_kwargs) -> FastAPI:
+               vision=None, **engine_kwargs) -> FastAPI:
     """An ASGI app serving `llm` (FastAPI behind the auth/metrics gate); the engine thread starts and stops with
-    the app's lifespan."""
+    the app's lifespan. vision: what answers requests with image parts (herd.multimodal.ImageChat over the same
+    llm); by default the llm itself when it takes images (a vision checkpoint), else none (such requests get 400)."""
     from contextlib import asynccontextmanager
 
+    if vision is None and getattr(llm, "accepts_images", False):
+        vision = llm
     if engine is None:
         engine = Engine(llm.model, llm.tokenizer, llm.stop_ids, **engine_kwargs)
-    state = ServerState(llm, engine, model_name, api_key or None, aliases)
+    state = ServerState(llm, engine, model_name, api_key or None, aliases, vision)
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -433,16 +479,27 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), 
         fmt = llm.chat_format
         if fmt is None:
             raise APIError(400, "This model has no chat format; use /v1/completions.", param="messages")
-        messages = []
+        messages, with_images = [], False
         for i, m in enumerate(req.messages):
             d = m.model_dump(exclude_none=True)
             if d["role"] == "developer":
                 d["role"] = "system"
             if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
                 kinds = sorted({p.type for p in m.content if p.type != "text"})
-                raise APIError(400, f"messages[{i}].content: only text parts are supported, got {kinds}",
-                               param=f"messages.{i}.content")
+                if set(kinds) - {"image_url", "input_image"}:
+                    raise APIError(400, f"messages[{i}].content: unsupported content part types {kinds}; text and "
+                                        "image_url parts are supported", param=f"messages.{i}.content")
+                if state.vision is None:
+                    raise APIError(400, f"messages[{i}].content: the model '{model_name}' takes no images (serve a "
+                                        "vision checkpoint, or a vision model with `herd serve --vision DIR`)",
+                                   param=f"messages.{i}.content")
+                if m.role != "user":
+                    raise APIError(400, f"messages[{i}].content: images are only taken in user messages",
+                                   param=f"messages.{i}.content")
+                with_images = True
             messages.append(d)
+        if with_images:
+            return await _image_chat(request, state, req, messages)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         choice = req.tool_choice or ("auto" if tools else "none")
         if choice == "none":
@@ -670,6 +727,85 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), 
         return {**base, "choices": out, "usage": _usage(n_prompt, sum(counts))}
 
     return _Gate(app, state)
+
+
+async def _image_chat(request: Request, state: ServerState, req, messages: list[dict]):
+    """A chat completion whose messages hold images: plain text answers (n choices, stream, logprobs)."""
+    if req.tools and req.tool_choice != "none":
+        raise APIError(400, "tools cannot be combined with images yet", param="tools")
+    if req.response_format and req.response_format.type != "text":
+        raise APIError(400, "response_format cannot be combined with images yet", param="response_format")
+    if req.logit_bias or req.presence_penalty or req.frequency_penalty:
+        raise APIError(400, "logit_bias, presence_penalty and frequency_penalty cannot be combined with images yet",
+                       param="messages")
+    ctx = state.engine.ctx
+    limit = req.token_limit()
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    params = [_sampling(req, ctx if limit is None else limit, k, i) for i in range(req.n)]
+    loop = asyncio.get_running_loop()
+    try:  # images are decoded and encoded here, off the event loop; a bad one is the client's error
+        run = await loop.run_in_executor(None, lambda: state.vision.run([messages] * req.n, params))
+    except HerdError as e:
+        raise APIError(400, f"messages: {e}", param="messages") from None
+    n_prompt = len(run.seqs[0].prompt)
+    _length_check(state, n_prompt, limit, "messages")
+    choices = _ImageChoices(state, run, req.n)
+    state.metrics.prompt_tokens += n_prompt
+    stop_ids = state.llm_stop_ids
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name,
+            "system_fingerprint": "herd"}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def stream():
+            counts = [0] * req.n
+            try:
+                for i in range(req.n):
+                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [
+                        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}]})
+                async for i, ev in choices.events():
+                    counted = ev.token is not None and ev.token not in stop_ids
+                    counts[i] += counted
+                    lp = {"content": [_chat_logprob(state, ev.logprob)]} if ev.logprob is not None and counted \
+                        else None
+                    if not ev.text and lp is None and ev.finish_reason is None:
+                        continue
+                    delta = {"content": ev.text} if ev.text else {}
+                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [
+                        {"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}]})
+                if include_usage:
+                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [],
+                                "usage": _usage(n_prompt, sum(counts))})
+                yield b"data: [DONE]\n\n"
+            except APIError as e:
+                yield _sse(e.body())
+                yield b"data: [DONE]\n\n"
+            finally:
+                choices.cancel()
+                state.metrics.latency.observe(time.monotonic() - choices.arrival)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    texts, reasons = [""] * req.n, [None] * req.n
+    logprobs: list[list[dict]] = [[] for _ in range(req.n)]
+    counts = [0] * req.n
+
+    def on_event(i: int, ev: Delta) -> None:
+        texts[i] += ev.text
+        if ev.finish_reason is not None:
+            reasons[i] = ev.finish_reason
+        if ev.token is not None and ev.token not in stop_ids:
+            counts[i] += 1
+            if ev.logprob is not None:
+                logprobs[i].append(_chat_logprob(state, ev.logprob))
+
+    await _collect(request, choices, on_event)
+    state.metrics.latency.observe(time.monotonic() - choices.arrival)
+    out = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+            "logprobs": {"content": logprobs[i]} if req.logprobs else None, "finish_reason": reasons[i]}
+           for i in range(req.n)]
+    return {**base, "object": "chat.completion", "choices": out, "usage": _usage(n_prompt, sum(counts))}
 
 
 def _usage(prompt: int, completion: int) -> dict:

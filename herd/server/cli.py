@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--no-prefix-cache", action="store_true", help="do not reuse the KV of shared prompt prefixes")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: from --model)")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file replacing the model's")
+    p.add_argument("--vision", default=None, metavar="DIR", help="vision model from `herd train-vision` that answers "
+                   "requests with image_url parts (default: the one trained for --model, if any)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.set_defaults(func=cmd_serve)
@@ -35,4 +37,5 @@ def cmd_serve(args) -> None:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch, ctx=args.ctx,
           kv_tokens=args.kv_tokens, max_queue=args.max_queue, page_size=args.page_size,
           prefill_chunk=args.prefill_chunk, prefix_cache=not args.no_prefix_cache, dtype=args.dtype,
-          served_model_name=args.served_model_name, chat_template=args.chat_template, log_level=args.log_level)
+          served_model_name=args.served_model_name, chat_template=args.chat_template, log_level=args.log_level,
+          vision=args.vision)

@@ -27,6 +27,7 @@ class _Lenient(BaseModel):
 class ContentPart(_Lenient):
     type: StrictStr
     text: StrictStr | None = None
+    image_url: StrictStr | dict[str, Any] | None = None  # {"url": "data:image/png;base64,..."} (or the bare URL)
 
 
 class FunctionCall(_Lenient):
