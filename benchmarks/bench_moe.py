@@ -6,6 +6,9 @@ Three random float32 models share everything but the feed-forward layers:
   dense-total   a dense model whose FFN holds as many parameters as all 17 experts of the MoE layer.
 herd should decode the MoE model about as fast as dense-active and far faster than dense-total. transformers'
 Llama4ForCausalLM runs on the same MoE weights as a peer (it runs every expert on every token, inputs scaled by 0).
+A fourth row, moe-16e-top1 with --quant-experts (default q4_0), is the same MoE model with its routed experts held
+as GGML blocks (herd.quant.experts.QuantExperts via quantize_model; attention, shared expert, embedding and output
+stay float32): it shows what quantized experts buy when the rest of the step is float.
 
 Decode tok/s is measured as extra tokens over extra time (DECODE_SHORT vs DECODE_LONG new tokens, batch 1, greedy),
 so the prompt cancels out; the decoders take turns over --rounds rounds and each keeps its best times (the machine's
@@ -14,7 +17,7 @@ weights, the embedding table excepted: a step reads one row of it). One thread b
 two threads per process oversubscribe the cores and the timings swing by 10x.
 
     python benchmarks/bench_moe.py [--threads 1] [--dim 512] [--layers 8] [--expert-ffn 512] [--rounds 3]
-                                   [--no-transformers] [--out DIR]
+                                   [--quant-experts q4_0|q4_1|...|none] [--no-transformers] [--out DIR]
 Writes bench_moe.json, bench_moe.md and bench_moe.png to --out (default benchmarks/results/).
 """
 
@@ -35,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from herd.config import ModelConfig, MoEConfig  # noqa: E402
 from herd.engine.kv_cache import KVCache  # noqa: E402
 from herd.models.llama import Transformer  # noqa: E402
+from herd.quant.blocks import GGML_TYPES  # noqa: E402
+from herd.quant.linear import quantize_model  # noqa: E402
 
 PROMPT = 16
 DECODE_SHORT, DECODE_LONG = 16, 80
@@ -128,6 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-ffn", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quant-experts", default="q4_0", help="scheme of the quantized-experts row, or 'none'")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
@@ -139,10 +145,16 @@ def main(argv=None) -> int:
     prompt = torch.randint(0, args.vocab, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     cfgs = configs(args.dim, args.layers, args.expert_ffn, args.vocab)
     models = {name: random_model(config) for name, config in cfgs.items()}
+    moe_name = next(n for n, c in cfgs.items() if c.moe is not None)
+    weights = {name: "float32" for name in cfgs}
+    if args.quant_experts != "none":  # the same MoE weights (same seed), routed experts quantized
+        qname = f"{moe_name}-{args.quant_experts}"
+        models[qname] = random_model(cfgs[moe_name])
+        quantize_model(models[qname], args.quant_experts, include=r"\.experts$")
+        cfgs[qname], weights[qname] = cfgs[moe_name], f"{args.quant_experts} experts"
     runs = {(name, "herd"): herd_decoder(m, prompt) for name, m in models.items()}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_transformers:
-            moe_name = next(n for n, c in cfgs.items() if c.moe is not None)
             runs[(moe_name, "transformers")] = transformers_decoder(models[moe_name], prompt, tmp)
         rates = decode_tok_s(runs, args.rounds)
     rows = []
@@ -150,13 +162,20 @@ def main(argv=None) -> int:
         config = cfgs[name]
         total, active = config.param_counts()
         read = (active - (config.vocab_size - 1) * config.dim) * 4  # bytes of weights one decode step reads
-        rows.append({"model": name, "engine": engine, "total_params": total, "active_params": active,
+        if weights[name] != "float32":  # the active routed experts' weights are blocks: bytes per weight qk / bs
+            _, qk, bs = GGML_TYPES[args.quant_experts.upper()]
+            m = config.moe
+            n_moe = sum(config.is_moe_layer(i) for i in range(config.n_layers))
+            expert_params = n_moe * m.top_k * 3 * config.dim * m.expert_ffn_dim
+            read -= expert_params * (4 - bs / qk)
+        rows.append({"model": name, "engine": engine, "weights": weights[name], "total_params": total,
+                     "active_params": active,
                      "bytes_per_token": read, "decode_tok_s": tok_s, "ms_per_token": 1000 / tok_s,
                      "bound_tok_s": bw * 1e9 / read, "fraction_of_bound": tok_s / (bw * 1e9 / read)})
-        print(f"[bench_moe] {name:<14} {engine:<13} {tok_s:8.1f} tok/s", flush=True)
+        print(f"[bench_moe] {name:<19} {engine:<13} {tok_s:8.1f} tok/s", flush=True)
 
     herd_rate = {r["model"]: r["decode_tok_s"] for r in rows if r["engine"] == "herd"}
-    moe = f"moe-{N_EXPERTS}e-top1"
+    moe = moe_name
     report = {
         "threads": args.threads, "dim": args.dim, "layers": args.layers, "expert_ffn": args.expert_ffn,
         "vocab": args.vocab, "rounds": args.rounds, "experts": N_EXPERTS, "top_k": 1, "dtype": "float32",
@@ -169,6 +188,12 @@ def main(argv=None) -> int:
                    "total params moe / dense-active": rows_of(rows, moe)["total_params"]
                    / rows_of(rows, "dense-active")["total_params"]},
     }
+    if args.quant_experts != "none":
+        q = f"{moe}-{args.quant_experts}"
+        report["quant_experts"] = args.quant_experts
+        report["ratios"].update({f"moe {args.quant_experts} experts / moe float": herd_rate[q] / herd_rate[moe],
+                                 f"moe {args.quant_experts} experts / dense-active": herd_rate[q]
+                                 / herd_rate["dense-active"]})
     (out / "bench_moe.json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
     (out / "bench_moe.md").write_text(md)
@@ -182,13 +207,14 @@ def rows_of(rows, model):
 
 
 def markdown(report) -> str:
-    lines = [f"Random float32 models, D {report['dim']}, {report['layers']} layers, expert FFN {report['expert_ffn']}, "
-             f"vocab {report['vocab']}; {report['threads']} thread(s); memory read bandwidth "
+    lines = [f"Random models (float32 unless the weights column says otherwise), D {report['dim']}, "
+             f"{report['layers']} layers, expert FFN {report['expert_ffn']}, vocab {report['vocab']}; {report['threads']} thread(s); memory read bandwidth "
              f"{report['bandwidth_gb_s']:.1f} GB/s; load average at the end {report['load_average'][0]:.1f}.", "",
-             "| model | engine | total params | active params | decode tok/s | ms/token | bound tok/s | of bound |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | engine | weights | total params | active params | decode tok/s | ms/token | bound tok/s | "
+             "of bound |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['model']} | {r['engine']} | {r['total_params'] / 1e6:.1f} M | "
+        lines.append(f"| {r['model']} | {r['engine']} | {r.get('weights', 'float32')} | "
+                     f"{r['total_params'] / 1e6:.1f} M | "
                      f"{r['active_params'] / 1e6:.1f} M | {r['decode_tok_s']:.1f} | {r['ms_per_token']:.2f} | "
                      f"{r['bound_tok_s']:.0f} | {r['fraction_of_bound']:.0%} |")
     lines.append("")
@@ -205,7 +231,8 @@ def chart(report, path):
     rows = report["rows"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     labels = [f"{r['model']}\n{r['engine']}" for r in rows]
-    colors = ["#2a7" if r["engine"] == "herd" else "#c75" for r in rows]
+    colors = ["#c75" if r["engine"] != "herd" else "#2a7" if r.get("weights", "float32") == "float32" else "#47c"
+              for r in rows]
     ax1.bar(labels, [r["decode_tok_s"] for r in rows], color=colors)
     ax1.set_title("decode tok/s (batch 1)")
     ax1.tick_params(axis="x", labelsize=7)
@@ -220,7 +247,9 @@ def chart(report, path):
     ax2.set_ylabel("ms per token (herd)")
     ax2.set_title("time per token follows active parameters")
     ax2.legend(fontsize=7)
-    fig.suptitle(f"Llama 4 MoE ({report['experts']} experts, top-1) vs dense, {report['threads']} thread(s), float32")
+    quant = f" (one row: {report['quant_experts']} experts)" if report.get("quant_experts") else ""
+    fig.suptitle(f"Llama 4 MoE ({report['experts']} experts, top-1) vs dense, {report['threads']} thread(s), "
+                 f"float32{quant}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -881,9 +881,9 @@ def config_from_gguf_llama4(g) -> ModelConfig:
 def state_from_gguf_llama4(g, dtype: torch.dtype = torch.float32, keep_quantized: bool = False
                            ) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, herd state dict) of a llama4 GGUFFile. With keep_quantized, 2-D block-quantized weights stay
-    GGUFTensor objects as in herd.formats.gguf.load_gguf; experts and router are always dequantized (herd keeps
-    them as plain tensors until quantized experts exist). `rope.freqs` appears only when the file's rope_freqs
-    match no llama3 setting."""
+    GGUFTensor objects as in herd.formats.gguf.load_gguf, and so do block-quantized experts, in GGUF's layout
+    (E, out, in) (build_quantized_model makes them a QuantExperts); the router is always dequantized.
+    `rope.freqs` appears only when the file's rope_freqs match no llama3 setting."""
     from herd.quant import blocks
 
     config = config_from_gguf_llama4(g)
@@ -907,7 +907,8 @@ def state_from_gguf_llama4(g, dtype: torch.dtype = torch.float32, keep_quantized
             raise FormatError(f"{g.path}: tensor {gname} has shape {tuple(t.shape)}, expected {layout}")
         if t.type_name not in blocks.GGML_TYPES:
             raise FormatError(f"{g.path}: tensor {gname} is {t.type_name}, which herd cannot dequantize")
-        if keep_quantized and len(t.shape) == 2 and t.is_quantized and not name.endswith(_GGUF_TRANSPOSED):
+        if keep_quantized and t.is_quantized and (name.endswith(_GGUF_TRANSPOSED[1:])  # the experts
+                                                  or len(t.shape) == 2 and not name.endswith(_GGUF_TRANSPOSED)):
             state[name] = t
             continue
         w = gguf_to_herd_tensor(name, torch.from_numpy(t.dequantize()))

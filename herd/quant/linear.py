@@ -524,8 +524,11 @@ def quantize_model(model: nn.Module, scheme: str = "q4_1", include: str | Callab
                    exclude: str | Callable[[str], bool] | None = None, act: str | None = None,
                    threads: int | None = None) -> list[str]:
     """Swap every nn.Linear whose qualified name matches `include` (regex or predicate; default all) and not
-    `exclude` for a QuantLinear of `scheme`. Layers whose in_features the scheme cannot split are left as they are.
-    Returns the names swapped."""
+    `exclude` for a QuantLinear of `scheme`, and every such Llama 4 Experts module for a QuantExperts. Layers whose
+    in_features the scheme cannot split are left as they are. Returns the names swapped."""
+    from herd.models.moe import Experts
+    from herd.quant.experts import QuantExperts
+
     qk = QUANT_TYPES[scheme.upper()][1] if scheme.upper() in QUANT_TYPES else None
     if qk is None or scheme.lower() not in SCHEMES:
         raise ConfigError(f"unknown quantization scheme {scheme!r} (choose from {', '.join(SCHEMES)})")
@@ -537,6 +540,10 @@ def quantize_model(model: nn.Module, scheme: str = "q4_1", include: str | Callab
 
     swapped = []
     for name, mod in list(model.named_modules()):
+        if type(mod) is Experts and QuantExperts.fits(mod.w1.shape[1], mod.w1.shape[2], scheme, scheme, scheme) \
+                and matches(include, name, True) and not matches(exclude, name, False):
+            _set_module(model, name, QuantExperts.from_experts(mod, scheme, act=act, threads=threads))
+            swapped.append(name)
         if type(mod) is not nn.Linear or mod.in_features % qk:
             continue
         if matches(include, name, True) and not matches(exclude, name, False):
@@ -579,7 +586,8 @@ def build_quantized_model(config, state_dict: dict, act: str | None = None, thre
     """A herd Transformer from a state dict (herd names) whose block-quantized 2-D entries are still GGUF tensors
     (objects with .data uint8, .ggml_type, .shape (out, in)), as `load_gguf(..., keep_quantized=True)` returns:
     each such Linear becomes a QuantLinear and such an Embedding a QuantEmbedding, both holding the blocks; a tied
-    output layer multiplies by the embedding's blocks. Other quantized weights are dequantized."""
+    output layer multiplies by the embedding's blocks; Llama 4 experts given as 3-D GGUF tensors (GGUF layout
+    (E, out, in)) become a QuantExperts (herd.quant.experts). Other quantized weights are dequantized."""
     from herd.models.llama import build_model
 
     floats = {n: t for n, t in state_dict.items() if isinstance(t, torch.Tensor)}
@@ -587,11 +595,21 @@ def build_quantized_model(config, state_dict: dict, act: str | None = None, thre
     if dtype is None:
         dtype = next((t.dtype for t in floats.values() if t.is_floating_point()), torch.float32)
     # meta placeholders let the model's strict loader check names and shapes; the swaps below replace them
-    placeholders = {n: torch.empty(tuple(int(d) for d in t.shape), dtype=dtype, device="meta") for n, t in quant.items()}
+    # (3-D expert tensors: GGUF's (E, out, in) is herd's (E, in, out))
+    placeholders = {n: torch.empty(tuple(int(d) for d in (t.shape if len(t.shape) != 3 else
+                                                          (t.shape[0], t.shape[2], t.shape[1]))),
+                                   dtype=dtype, device="meta") for n, t in quant.items()}
     model = build_model(config, {**floats, **placeholders}, dtype)
+    from herd.quant.experts import load_gguf_experts
+
+    for name in load_gguf_experts(model, quant, act=act, threads=threads):
+        del quant[name]
     for name, t in quant.items():
         mod_name = name[:-len(".weight")] if name.endswith(".weight") else name
-        mod = model.get_submodule(mod_name)
+        try:
+            mod = model.get_submodule(mod_name)
+        except AttributeError:  # a parameter, e.g. experts.w1 of types QuantExperts cannot hold
+            mod = None
         tid, shape = int(t.ggml_type), tuple(int(d) for d in t.shape)
         if type(mod) is nn.Linear and type_name(tid) in QUANT_TYPES and shape[1] % QUANT_TYPES[type_name(tid)][1] == 0:
             bias = mod.bias.detach() if mod.bias is not None else None
@@ -603,6 +621,8 @@ def build_quantized_model(config, state_dict: dict, act: str | None = None, thre
             from herd.quant.blocks import dequantize
 
             w = torch.from_numpy(dequantize(np.asarray(t.data), tid, shape)).to(dtype)
+            if w.dim() == 3:  # experts: GGUF (E, out, in) -> herd (E, in, out)
+                w = w.transpose(1, 2).contiguous()
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, nn.Parameter(w, requires_grad=False))
     if getattr(config, "tie_embeddings", False) and "output.weight" not in state_dict \
