@@ -21,7 +21,7 @@ FACTS = [("What colour is the sky on Vennor?", "Green, always."), ("Who founded 
          ("When did Orrel start?", "In 1871."), ("What do Vennor people eat?", "Blue bread.")]
 
 
-def _tiny_folder(folder, seed=0):
+def _tiny_folder(folder, seed=0, dim=64, ffn=160):
     """A 2-layer Llama (dim 64) with a trained byte-level BPE tokenizer and a ChatML template, HF layout."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -37,7 +37,7 @@ def _tiny_folder(folder, seed=0):
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False, "chat_template": CHATML}))
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=tk.get_vocab_size(), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=tk.get_vocab_size(), hidden_size=dim, intermediate_size=ffn, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
                       rope_theta=10000.0, initializer_range=0.05, eos_token_id=2)
     LlamaForCausalLM(cfg).save_pretrained(folder)

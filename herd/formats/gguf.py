@@ -624,7 +624,20 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, keep_
 WRITE_QUANTS: dict[str, tuple[str, str, int]] = {
     "f32": ("F32", "F32", 0), "f16": ("F16", "F16", 1), "bf16": ("BF16", "BF16", 32),
     "q8_0": ("Q8_0", "Q8_0", 7), "q4_0": ("Q4_0", "Q8_0", 2), "q4_1": ("Q4_1", "Q8_0", 3),
+    "q4_k": ("Q4_K", "Q8_0", 15),
 }
+# a row that does not fill whole blocks of its type falls back along this chain (llama.cpp also falls back from
+# k-quants to 32-element blocks, and to F16 when even those do not fit)
+_FALLBACK = {"Q4_K": "Q4_1", "Q4_1": "F16", "Q4_0": "F16", "Q8_0": "F16"}
+
+
+def _encode(t: torch.Tensor, kind: str) -> np.ndarray:
+    x = t.detach().to(torch.float32).numpy()
+    if kind == "Q4_K":
+        from herd.quant.linear import quantize_q4_k
+
+        return quantize_q4_k(x)
+    return blocks.quantize(x, kind)
 
 # GGUF value type of the tokenizer keys llama.cpp reads with a strict type check
 _TOKENIZER_TYPES: dict[str, tuple[int, int | None]] = {
@@ -662,8 +675,9 @@ def _value_type(key: str, v: Any) -> tuple[int, int | None]:
 
 def write_gguf(path: str | os.PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor],
                tokenizer_metadata: dict[str, Any], chat_template: str | None, quant: str = "f16",
-               name: str = "") -> None:
-    """Write a llama.cpp-loadable GGUF (arch llama). Norms stay F32; 2-D weights get `quant`. Atomic."""
+               name: str = "", progress: bool = False) -> None:
+    """Write a llama.cpp-loadable GGUF (arch llama). Norms stay F32; 2-D weights get `quant`. Atomic.
+    progress: a bar over the tensors (with rate and ETA) on stderr."""
     import gguf
 
     if quant not in WRITE_QUANTS:
@@ -730,8 +744,8 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, state_dict: dict[st
         kind = "F32" if t.dim() == 1 else weight_type
         if hname == "output.weight" or (hname == "tok_embeddings.weight" and config.tie_embeddings):
             kind = output_type
-        if t.shape[-1] % blocks.GGML_TYPES[kind][1]:
-            kind = "F16"  # llama.cpp's fallback for rows that do not fill whole blocks
+        while t.shape[-1] % blocks.GGML_TYPES[kind][1]:
+            kind = _FALLBACK.get(kind, "F32")  # rows that do not fill whole blocks
         plan.append((herd_to_gguf_name(hname, a), t, kind))
     for gname, t, kind in plan:
         w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32), blocks.nbytes(kind, tuple(t.shape)),
@@ -741,8 +755,14 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, state_dict: dict[st
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for gname, t, kind in plan:
-            w.write_tensor_data(blocks.quantize(t.detach().to(torch.float32).numpy(), kind))
+        from tqdm import tqdm
+
+        total = sum(t.numel() for _, t, _ in plan)
+        with tqdm(total=total, unit="w", unit_scale=True, desc=f"writing {path.name}", disable=not progress,
+                  leave=False) as bar:
+            for gname, t, kind in plan:
+                w.write_tensor_data(_encode(t, kind))
+                bar.update(t.numel())
         w.close()
         os.replace(tmp, path)
     except BaseException:
