@@ -49,6 +49,12 @@ class LLM:
         if isinstance(prompt, str) and raw:
             return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if not getattr(self, "accepts_images", False):
+            from herd.multimodal import has_images
+
+            if has_images(messages):
+                raise GenerationError(f"{self.source}: a text-only model takes no images; load a vision checkpoint "
+                                      f"(Llama 3.2 Vision, Llama 4) or attach a herd vision model (ImageChat)")
         if self.chat_format is None:
             raise GenerationError(f"{self.source}: this model has no chat format; use raw=True")
         return self.chat_format.encode_dialog(messages, add_generation_prompt=True, tools=tools)
@@ -89,11 +95,18 @@ def load(path: str | Path | None = None, dtype=None, *, chat_template: str | Non
          keep_quantized: bool = False) -> LLM:
     """Load a checkpoint (path, catalog name, or None for the default model) into an LLM."""
     from herd.chat_format import chat_format_for
-    from herd.formats import load_checkpoint
+    from herd.formats import load_checkpoint, multimodal_kind
     from herd.hub import resolve
     from herd.models.llama import build_model
 
     path = resolve(None if path is None else str(path))
+    kind = multimodal_kind(path)
+    if kind is not None:  # Llama 3.2 Vision / Llama 4 with its vision tower: an LLM that also takes images
+        from herd.vision_llm import load_vision_llm
+
+        if keep_quantized:
+            raise GenerationError(f"{path}: keep_quantized applies to GGUF files, not to a {kind} vision checkpoint")
+        return load_vision_llm(path, kind, dtype, chat_template=chat_template)
     ckpt = load_checkpoint(path, parse_dtype(dtype), keep_quantized=keep_quantized)
     # a GGUF file's own rope_freqs divisors that no llama3 setting explains (SPEC.md §4)
     rope_divisors = ckpt.state_dict.pop("rope.freqs", None)

@@ -77,7 +77,9 @@ BAD_BODIES = [
     (json.dumps(msg(response_format={"type": "json_schema", "json_schema": {}})).encode(), "json_schema"),
     (json.dumps(msg(tool_choice="required")).encode(), "tool"),
     (json.dumps({**msg(), "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}).encode(), "text parts"),
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}).encode(), "takes no images"),
+    (json.dumps({**msg(), "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}).encode(), "unsupported content"),
     (json.dumps({"model": "test-model", "messages": [{"role": "user", "content": 5}]}).encode(), "content"),
     (json.dumps({**msg(), "seed": 2 ** 80}).encode(), "seed"),
 ]

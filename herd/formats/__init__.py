@@ -46,6 +46,31 @@ def detect_format(path: str | Path) -> str:
     raise FormatError(f"{path}: no config.json (Hugging Face), params.json (Meta) or single .gguf file")
 
 
+def multimodal_kind(path: str | Path) -> str | None:
+    """'mllama' (Llama 3.2 Vision, HF or Meta) or 'llama4' (HF Llama4ForConditionalGeneration) for a checkpoint
+    folder of a model that reads images; None for anything else (herd.vision_llm loads the two kinds)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    for name in ("config.json", "params.json"):
+        if (path / name).exists():
+            try:
+                cfg = json.loads((path / name).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise FormatError(f"{path / name}: not valid JSON ({e})") from None
+            if not isinstance(cfg, dict):
+                raise FormatError(f"{path / name}: expected a JSON object")
+            if name == "config.json":
+                if cfg.get("model_type") == "mllama":
+                    return "mllama"
+                if cfg.get("model_type") == "llama4" and isinstance(cfg.get("vision_config"), dict):
+                    return "llama4"
+                return None
+            p = cfg.get("model", cfg) if isinstance(cfg.get("model"), dict) else cfg
+            return "mllama" if "vision_num_cross_attention_layers" in p else None
+    return None
+
+
 def _gguf_file(path: Path) -> Path:
     return path if path.is_file() else sorted(path.glob("*.gguf"))[0]
 

@@ -130,9 +130,10 @@ class MllamaTextModel(nn.Module):
         self.register_buffer("inv_freq", inv_frequencies(c.head_dim, c.rope_theta, c.rope_scaling), persistent=False)
 
     def forward(self, tokens, input_pos=None, cache: MllamaCache | None = None, vision: torch.Tensor | None = None,
-                vision_mask: torch.Tensor | None = None, last_only: bool = False):
+                vision_mask: torch.Tensor | None = None, last_only: bool = False, cache_rows=None):
         """vision (B, V_S, D) projected vision tokens (None: text only, or reuse the cache's);
-        vision_mask (B, T, V_S) bool, which vision tokens each new token may attend to."""
+        vision_mask (B, T, V_S) bool, which vision tokens each new token may attend to;
+        cache_rows (B,) the self-attention cache rows of these sequences (text-only batches, as Transformer)."""
         B, T = tokens.shape
         dev = tokens.device
         if input_pos is None:
@@ -167,7 +168,7 @@ class MllamaTextModel(nn.Module):
         schedule = self.config.xattn_before
         for i, layer in enumerate(self.layers):
             h = self._cross(h, i, schedule, xkv, attn_mask, row_mask, zero_rows)
-            h = layer(h, cos, sin, input_pos, masks, None if cache is None else cache.kv, kv_len)
+            h = layer(h, cos, sin, input_pos, masks, None if cache is None else cache.kv, kv_len, cache_rows)
         h = self._cross(h, len(self.layers), schedule, xkv, attn_mask, row_mask, zero_rows)  # a block after the last
         if last_only:
             h = h[:, -1:]

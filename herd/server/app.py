@@ -330,7 +330,10 @@ class _ImageChoices:
         threading.Thread(target=self._work, name="herd-images", daemon=True).start()
 
     def _put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+            self.cancelled.set()
 
     def _work(self) -> None:
         it = iter(self.run)
