@@ -502,39 +502,41 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), 
                 with_images = True
             messages.append(d)
         if with_images:
-            return await _image_chat(request, state, req, messages)
-        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-        choice = req.tool_choice or ("auto" if tools else "none")
-        if choice == "none":
             tools = None
-        if tools and not state.tools_supported():
-            raise APIError(400, f"The chat format of '{model_name}' defines no tool calling, so `tools` cannot be "
-                                "used with this model.", param="tools")
-        try:
-            prompt = fmt.encode_dialog(messages, add_generation_prompt=True, tools=tools)
-        except HerdError as e:
-            raise APIError(400, f"messages: {e}", param="messages") from None
-        fmt_kind = (req.response_format.type if req.response_format else "text")
-        if fmt_kind == "json_schema":
-            raise APIError(400, "response_format json_schema is not supported; use {\"type\": \"json_object\"}.",
-                           param="response_format")
-        heads = None
-        if choice == "required":
-            heads = [state.tool_head(t["function"]["name"]) for t in tools]
-        elif not isinstance(choice, str):
-            heads = [state.tool_head(choice.function.name)]
-        elif fmt_kind == "json_object":
-            heads = ["{"]
-        max_new = _length_check(state, len(prompt), req.token_limit(), "messages")
-        k = (req.top_logprobs or 0) if req.logprobs else None
-        params = [_sampling(req, max_new, k, i) for i in range(req.n)]
-        choices = _Choices(state)
-        for i, p in enumerate(params):
-            constraint = None
-            if heads is not None:
-                constraint = JsonConstraint(llm.tokenizer, llm.config.vocab_size, llm.stop_ids, heads=heads,
-                                            greedy=p.temperature == 0)
-            choices.submit(i, prompt, p, req, constraint)
+            prompt, choices = await _image_choices(state, req, messages)
+        else:
+            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+            choice = req.tool_choice or ("auto" if tools else "none")
+            if choice == "none":
+                tools = None
+            if tools and not state.tools_supported():
+                raise APIError(400, f"The chat format of '{model_name}' defines no tool calling, so `tools` "
+                                    "cannot be used with this model.", param="tools")
+            try:
+                prompt = fmt.encode_dialog(messages, add_generation_prompt=True, tools=tools)
+            except HerdError as e:
+                raise APIError(400, f"messages: {e}", param="messages") from None
+            fmt_kind = (req.response_format.type if req.response_format else "text")
+            if fmt_kind == "json_schema":
+                raise APIError(400, "response_format json_schema is not supported; use "
+                                    "{\"type\": \"json_object\"}.", param="response_format")
+            heads = None
+            if choice == "required":
+                heads = [state.tool_head(t["function"]["name"]) for t in tools]
+            elif not isinstance(choice, str):
+                heads = [state.tool_head(choice.function.name)]
+            elif fmt_kind == "json_object":
+                heads = ["{"]
+            max_new = _length_check(state, len(prompt), req.token_limit(), "messages")
+            k = (req.top_logprobs or 0) if req.logprobs else None
+            params = [_sampling(req, max_new, k, i) for i in range(req.n)]
+            choices = _Choices(state)
+            for i, p in enumerate(params):
+                constraint = None
+                if heads is not None:
+                    constraint = JsonConstraint(llm.tokenizer, llm.config.vocab_size, llm.stop_ids, heads=heads,
+                                                greedy=p.temperature == 0)
+                choices.submit(i, prompt, p, req, constraint)
         state.metrics.prompt_tokens += len(prompt)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         buffer_tools = tools is not None  # a reply that may be a tool call is parsed whole, then sent
@@ -732,8 +734,9 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), 
     return _Gate(app, state)
 
 
-async def _image_chat(request: Request, state: ServerState, req, messages: list[dict]):
-    """A chat completion whose messages hold images: plain text answers (n choices, stream, logprobs)."""
+async def _image_choices(state: ServerState, req, messages: list[dict]) -> tuple[list[int], _ImageChoices]:
+    """(prompt ids, running choices) of a chat request whose messages hold images: the vision model's BatchRun,
+    built (images decoded, checked and encoded) off the event loop. Plain text answers: no tools or constraints."""
     if req.tools and req.tool_choice != "none":
         raise APIError(400, "tools cannot be combined with images yet", param="tools")
     if req.response_format and req.response_format.type != "text":
@@ -741,74 +744,17 @@ async def _image_chat(request: Request, state: ServerState, req, messages: list[
     if req.logit_bias or req.presence_penalty or req.frequency_penalty:
         raise APIError(400, "logit_bias, presence_penalty and frequency_penalty cannot be combined with images yet",
                        param="messages")
-    ctx = state.engine.ctx
     limit = req.token_limit()
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = [_sampling(req, ctx if limit is None else limit, k, i) for i in range(req.n)]
-    loop = asyncio.get_running_loop()
-    try:  # images are decoded and encoded here, off the event loop; a bad one is the client's error
-        run = await loop.run_in_executor(None, lambda: state.vision.run([messages] * req.n, params))
+    params = [_sampling(req, state.engine.ctx if limit is None else limit, k, i) for i in range(req.n)]
+    try:
+        run = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: state.vision.run([messages] * req.n, params))
     except HerdError as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
-    n_prompt = len(run.seqs[0].prompt)
-    _length_check(state, n_prompt, limit, "messages")
-    choices = _ImageChoices(state, run, req.n)
-    state.metrics.prompt_tokens += n_prompt
-    stop_ids = state.llm_stop_ids
-    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name,
-            "system_fingerprint": "herd"}
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        async def stream():
-            counts = [0] * req.n
-            try:
-                for i in range(req.n):
-                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [
-                        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}]})
-                async for i, ev in choices.events():
-                    counted = ev.token is not None and ev.token not in stop_ids
-                    counts[i] += counted
-                    lp = {"content": [_chat_logprob(state, ev.logprob)]} if ev.logprob is not None and counted \
-                        else None
-                    if not ev.text and lp is None and ev.finish_reason is None:
-                        continue
-                    delta = {"content": ev.text} if ev.text else {}
-                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [
-                        {"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}]})
-                if include_usage:
-                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [],
-                                "usage": _usage(n_prompt, sum(counts))})
-                yield b"data: [DONE]\n\n"
-            except APIError as e:
-                yield _sse(e.body())
-                yield b"data: [DONE]\n\n"
-            finally:
-                choices.cancel()
-                state.metrics.latency.observe(time.monotonic() - choices.arrival)
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    texts, reasons = [""] * req.n, [None] * req.n
-    logprobs: list[list[dict]] = [[] for _ in range(req.n)]
-    counts = [0] * req.n
-
-    def on_event(i: int, ev: Delta) -> None:
-        texts[i] += ev.text
-        if ev.finish_reason is not None:
-            reasons[i] = ev.finish_reason
-        if ev.token is not None and ev.token not in stop_ids:
-            counts[i] += 1
-            if ev.logprob is not None:
-                logprobs[i].append(_chat_logprob(state, ev.logprob))
-
-    await _collect(request, choices, on_event)
-    state.metrics.latency.observe(time.monotonic() - choices.arrival)
-    out = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-            "logprobs": {"content": logprobs[i]} if req.logprobs else None, "finish_reason": reasons[i]}
-           for i in range(req.n)]
-    return {**base, "object": "chat.completion", "choices": out, "usage": _usage(n_prompt, sum(counts))}
+    prompt = list(run.seqs[0].prompt)
+    _length_check(state, len(prompt), limit, "messages")
+    return prompt, _ImageChoices(state, run, req.n)
 
 
 def _usage(prompt: int, completion: int) -> dict:
