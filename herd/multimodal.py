@@ -406,6 +406,20 @@ def split_images(messages: Sequence[dict]) -> tuple[list[dict], list]:
     return flat, sources
 
 
+def with_images(prompt, images: Sequence | None) -> list[dict]:
+    """A prompt (string or messages) as messages, with `images` put in front of the last user message's content."""
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if images:
+        users = [i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"]
+        if not users:
+            raise GenerationError("images need a user message to go with")
+        last = msgs[users[-1]]
+        content = last.get("content") or ""
+        parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        last["content"] = [{"type": "image", "image": src} for src in images] + list(parts)
+    return msgs
+
+
 def has_images(messages: Sequence[dict]) -> bool:
     """Whether any message carries an image (a non-text content part or an 'images' list): route it to ImageChat."""
     for m in messages:
@@ -544,17 +558,7 @@ class ImageChat:
 
     # -- prompts -----------------------------------------------------------------------------------------
     def messages(self, prompt, images: Sequence | None = None) -> list[dict]:
-        """A prompt (string or messages) with `images` added in front of the last user message's text."""
-        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-        if images:
-            users = [i for i, m in enumerate(msgs) if m.get("role") == "user"]
-            if not users:
-                raise GenerationError("images need a user message to go with")
-            last = msgs[users[-1]]
-            content = last.get("content") or ""
-            parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
-            last["content"] = [{"type": "image", "image": src} for src in images] + list(parts)
-        return msgs
+        return with_images(prompt, images)
 
     def encode(self, prompt, images: Sequence | None = None) -> tuple[list[int], torch.Tensor | None]:
         """Prompt -> (ids, image features (n_images * N, D) or None)."""

@@ -39,7 +39,7 @@ from herd.api import LLM, parse_dtype
 from herd.engine.generate import BatchRun, Completion, Delta
 from herd.errors import ConfigError, GenerationError
 from herd.models.mllama import Mllama, MllamaCache, encode_multimodal_prompt
-from herd.multimodal import _SENTINEL, split_images
+from herd.multimodal import _SENTINEL, split_images, with_images
 from herd.ops.sampling import SamplingParams
 
 # Images per prompt: herd's guard, not a limit of the weights. Llama 4: Meta's launch notes report good results after
@@ -125,20 +125,6 @@ class PromptRuns:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Prompts
-
-
-def with_images(prompt, images: Sequence | None) -> list[dict]:
-    """A prompt (string or messages) as messages, with `images` put in front of the last user message's content."""
-    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-    if images:
-        users = [i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"]
-        if not users:
-            raise GenerationError("images need a user message to go with")
-        last = msgs[users[-1]]
-        content = last.get("content") or ""
-        parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
-        last["content"] = [{"type": "image", "image": src} for src in images] + list(parts)
-    return msgs
 
 
 def _image_parts(flat: list[dict], grids: Sequence[tuple[int, int]] | None) -> list[dict]:
