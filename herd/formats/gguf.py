@@ -1,6 +1,6 @@
 """GGUF: a validating reader, the GGUF <-> herd name table, config and weights loading, and a writer.
 
-Format facts are in SPEC.md §4. The reader is herd's own small parser over a read-only mmap: it checks every
+Format facts are in SPEC.md §4. The reader is herd's own small parser over a copy-on-write mmap: it checks every
 count, length, dimension and offset against the file size before using it, so a damaged file gives a FormatError
 naming the file and the problem instead of a crash, a hang or a huge allocation. Tensor data is never copied
 until it is dequantized.
@@ -112,7 +112,7 @@ _MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1-byte name, n_di
 
 @dataclass
 class GGUFTensor:
-    """One tensor of a GGUF file; `data` is a read-only uint8 view of its bytes in the file's mmap."""
+    """One tensor of a GGUF file; `data` is a uint8 view of its bytes in the file's copy-on-write mmap."""
 
     name: str
     ggml_type: int
@@ -280,7 +280,9 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     if size < 24:
         raise FormatError(f"{path}: {size} bytes is too short for a GGUF header (24 bytes); truncated?")
     with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # copy-on-write: tensors can be used in place (no second copy of the weights; pages are read from the
+        # page cache as touched), and a write to one changes this process's copy, never the file
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     p = _Parser(path, buf, size)
     magic = buf[0:4]
     if magic != GGUF_MAGIC:

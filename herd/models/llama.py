@@ -122,6 +122,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.native_decode = True  # decode steps of a quantized model may run in C (herd/quant/decode.py)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # (hd/2,) float32; kept on the CPU-side dtype even when the model is bf16. A checkpoint's own rope_freqs
@@ -157,6 +158,15 @@ class Transformer(nn.Module):
         elif input_pos.dim() == 1:
             input_pos = input_pos.expand(B, T)
         h = self.tok_embeddings(tokens) if embeds is None else embeds
+        if T == 1 and cache is not None and getattr(self, "native_decode", True):  # decode: maybe one C call
+            from herd.quant.decode import plan_for
+
+            plan = plan_for(self, cache)
+            if plan is not None and h.dtype is torch.float32 and not h.requires_grad:
+                x = h.reshape(B, -1).clone()  # (B, D), updated in place to the final-normed hidden state
+                rows = None if cache_rows is None else cache_rows.reshape(B).to(torch.int64).contiguous()
+                plan.run(x, input_pos.reshape(B).to(torch.int64).contiguous(), cache, rows)
+                return self.output(x.view(B, 1, -1))
         angles = input_pos.float()[..., None] * self.inv_freq  # (B, T, hd/2)
         cos, sin = torch.cos(angles), torch.sin(angles)
         if cache is not None:

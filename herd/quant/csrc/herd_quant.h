@@ -37,4 +37,6 @@ int herd_q_dequantize_rows(const uint8_t *w, int type, int64_t k, const int64_t 
                            int nthreads);
 /* bits 8 (q: int8 [m, k]) or 16 (q: int16 [m, k]); d: float [m, k/32] */
 int herd_q_quantize_act(const float *x, int64_t m, int64_t k, void *q, float *d, int bits, int isa);
+/* herd_decode.c: every decoder layer of a Llama model for one new token per row (layout: hd_model there) */
+int herd_llama_decode(const void *model, float *x, int64_t B, const int64_t *pos, const int64_t *rows, int nthreads);
 #endif

@@ -1,0 +1,205 @@
+/* herd_decode.c -- the decode step of a Llama model with quantized linear layers: every decoder layer for a few
+ * new tokens (one per sequence) in one call, so that the small per-layer operations (RMSNorm, RoPE, the cache
+ * write, attention over the cache, SiLU * up, the residual adds) cost no Python / ATen dispatch.
+ *
+ * The arithmetic is herd/models/llama.py's (SPEC.md section 1) in float32; the linear layers are herd_q_matmul,
+ * the same kernels QuantLinear calls, so only the summation order of the small operations differs from the
+ * PyTorch path. Shapes: B rows (sequences), D dim, H query heads, KV key/value heads, hd head dim, F hidden,
+ * S cache positions per row.
+ */
+#include "herd_quant.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* One decoder layer: weights as QuantLinear holds them, plus its cache buffers. Mirrored by ctypes in
+ * herd/quant/decode.py; every field is 8 bytes wide so that the two layouts cannot drift apart by padding. */
+typedef struct {
+    const uint8_t *w;
+    int64_t type, mode, out_features;
+} hd_linear;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm; /* (D,) */
+    hd_linear wq, wk, wv, wo, w1, w2, w3;
+    float *k_cache, *v_cache; /* row r, KV head j, position p at r * row_stride + (j * S + p) * hd */
+} hd_layer;
+
+typedef struct {
+    int64_t dim, n_heads, n_kv_heads, head_dim, hidden, n_layers;
+    double eps;
+    int64_t cache_rows, cache_len, row_stride; /* cache rows, S, elements between two rows */
+    const float *inv_freq;                     /* (hd/2,) */
+    const float *final_norm;                   /* (D,) or NULL: leave x un-normalised */
+    const hd_layer *layers;
+} hd_model;
+
+#define HD_ERR_SHAPE (-2)
+#define HD_ERR_NOMEM (-5)
+
+/* e^x in float32 within ~2 ulp (Cephes' expf polynomial after a Cody-Waite reduction), written so that gcc
+ * vectorizes the loops calling it (libm's expf does not vectorize without -ffast-math). x is clamped to
+ * [-87.3, 88.3]: below, the result is ~0 (flushed to 2^-126 scale), above it would overflow. */
+static inline float hd_expf(float x) {
+    x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    union { int32_t i; float f; } sc = {.i = ((int32_t)n + 127) << 23};
+    return p * sc.f;
+}
+
+/* out = (x * rsqrt(mean(x^2) + eps)) * w, the row normalised in float32 as torch does it (then scaled). */
+static void hd_rms_norm(const float *x, const float *w, int64_t D, double eps, float *out) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < D; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)D + (float)eps);
+    for (int64_t i = 0; i < D; i++) out[i] = (x[i] * r) * w[i];
+}
+
+/* Rotate adjacent pairs (2i, 2i+1) of each of nh heads by the row's angles (Meta's interleaved RoPE). */
+static void hd_rope(float *v, int64_t nh, int64_t hd, const float *cs, const float *sn) {
+    for (int64_t h = 0; h < nh; h++) {
+        float *p = v + h * hd;
+        for (int64_t i = 0; i < hd / 2; i++) {
+            const float a = p[2 * i], b = p[2 * i + 1];
+            p[2 * i] = a * cs[i] - b * sn[i];
+            p[2 * i + 1] = a * sn[i] + b * cs[i];
+        }
+    }
+}
+
+/* The R query heads q (R, hd) that share one KV head, over its positions 0..n-1:
+ * out (R, hd) = softmax(q . K^T / sqrt(hd)) V, each key and value row read once for all R. sc: R * n floats. */
+static void hd_attend_group(const float *q, int64_t R, const float *K, const float *V, int64_t n, int64_t hd,
+                            float *sc, float *out) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int64_t p = 0; p < n; p++) {
+        const float *kp = K + p * hd;
+        for (int64_t r = 0; r < R; r++) {
+            const float *qr = q + r * hd;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < hd; i++) s += qr[i] * kp[i];
+            sc[r * n + p] = s * scale;
+        }
+    }
+    for (int64_t r = 0; r < R; r++) {
+        float *sr = sc + r * n, mx = -INFINITY, sum = 0.0f;
+        for (int64_t p = 0; p < n; p++) mx = sr[p] > mx ? sr[p] : mx;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t p = 0; p < n; p++) {
+            sr[p] = hd_expf(sr[p] - mx);
+            sum += sr[p];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t p = 0; p < n; p++) sr[p] *= inv;
+    }
+    memset(out, 0, sizeof(float) * (size_t)(R * hd));
+    for (int64_t p = 0; p < n; p++) {
+        const float *vp = V + p * hd;
+        for (int64_t r = 0; r < R; r++) {
+            const float wgt = sc[r * n + p];
+            float *o = out + r * hd;
+#pragma omp simd
+            for (int64_t i = 0; i < hd; i++) o[i] += wgt * vp[i];
+        }
+    }
+}
+
+static int hd_linear_apply(const hd_linear *L, const float *x, int64_t m, int64_t k, float *y, int nthreads) {
+    return herd_q_matmul(x, m, k, L->w, (int)L->type, L->out_features, y, (int)L->mode, -1, nthreads);
+}
+
+/* x (B, D) float32, updated in place: the hidden state after every layer (and the final norm if given).
+ * pos (B,) the position of each row's token; rows (B,) its cache row, or NULL for row b. Returns 0 or an error. */
+int herd_llama_decode(const void *model, float *x, int64_t B, const int64_t *pos, const int64_t *rows,
+                      int nthreads) {
+    const hd_model *M = (const hd_model *)model;
+    const int64_t D = M->dim, H = M->n_heads, KV = M->n_kv_heads, hd = M->head_dim, F = M->hidden, S = M->cache_len;
+    if (B <= 0 || H % KV || hd % 2) return HD_ERR_SHAPE;
+    int64_t max_len = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t r = rows ? rows[b] : b;
+        if (pos[b] < 0 || pos[b] >= S || r < 0 || r >= M->cache_rows) return HD_ERR_SHAPE;
+        max_len = pos[b] + 1 > max_len ? pos[b] + 1 : max_len;
+    }
+    /* scratch: xn (B, D), q (B, H*hd), k, v (B, KV*hd), att (B, H*hd), t (B, D), g, u (B, F), cos, sin (B, hd/2),
+     * scores (threads, H/KV, max_len) */
+    int nt = nthreads > 0 ? nthreads : 1;
+    const size_t n_scratch = (size_t)(B * (2 * D + 2 * H * hd + 2 * KV * hd + 2 * F + hd) + nt * H / KV * max_len);
+    float *buf = (float *)malloc(sizeof(float) * n_scratch);
+    if (!buf) return HD_ERR_NOMEM;
+    float *xn = buf, *q = xn + B * D, *k = q + B * H * hd, *v = k + B * KV * hd, *att = v + B * KV * hd;
+    float *t = att + B * H * hd, *g = t + B * D, *u = g + B * F, *cs = u + B * F, *sn = cs + B * hd / 2;
+    float *scores = sn + B * hd / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < hd / 2; i++) {
+            const float a = (float)pos[b] * M->inv_freq[i]; /* float32 angle, as input_pos.float() * inv_freq */
+            cs[b * hd / 2 + i] = cosf(a);
+            sn[b * hd / 2 + i] = sinf(a);
+        }
+    /* attention: parallel over (row, KV head) once there is enough work to pay for a fork/join */
+    const int att_nt = (B * H * max_len * hd >= (1 << 16)) ? nt : 1;
+    int rc = 0;
+    for (int64_t l = 0; l < M->n_layers && !rc; l++) {
+        const hd_layer *L = &M->layers[l];
+        for (int64_t b = 0; b < B; b++) hd_rms_norm(x + b * D, L->attn_norm, D, M->eps, xn + b * D);
+        if (!rc) rc = hd_linear_apply(&L->wq, xn, B, D, q, nthreads);
+        if (!rc) rc = hd_linear_apply(&L->wk, xn, B, D, k, nthreads);
+        if (!rc) rc = hd_linear_apply(&L->wv, xn, B, D, v, nthreads);
+        if (rc) break;
+        for (int64_t b = 0; b < B; b++) {
+            hd_rope(q + b * H * hd, H, hd, cs + b * hd / 2, sn + b * hd / 2);
+            hd_rope(k + b * KV * hd, KV, hd, cs + b * hd / 2, sn + b * hd / 2);
+            const int64_t r = rows ? rows[b] : b;
+            for (int64_t j = 0; j < KV; j++) {
+                const int64_t at = r * M->row_stride + (j * S + pos[b]) * hd;
+                memcpy(L->k_cache + at, k + (b * KV + j) * hd, sizeof(float) * (size_t)hd);
+                memcpy(L->v_cache + at, v + (b * KV + j) * hd, sizeof(float) * (size_t)hd);
+            }
+        }
+#pragma omp parallel for num_threads(att_nt) if (att_nt > 1) schedule(static)
+        for (int64_t bj = 0; bj < B * KV; bj++) { /* query heads j*R .. j*R+R-1 use KV head j (GQA) */
+            const int64_t b = bj / KV, j = bj % KV, R = H / KV, r = rows ? rows[b] : b;
+            int tid = 0;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+#endif
+            const float *K = L->k_cache + r * M->row_stride + j * S * hd, *V = L->v_cache + r * M->row_stride + j * S * hd;
+            hd_attend_group(q + (b * H + j * R) * hd, R, K, V, pos[b] + 1, hd, scores + tid * H / KV * max_len,
+                            att + (b * H + j * R) * hd);
+        }
+        if (!rc) rc = hd_linear_apply(&L->wo, att, B, H * hd, t, nthreads);
+        if (rc) break;
+        for (int64_t i = 0; i < B * D; i++) x[i] += t[i];
+        for (int64_t b = 0; b < B; b++) hd_rms_norm(x + b * D, L->ffn_norm, D, M->eps, xn + b * D);
+        if (!rc) rc = hd_linear_apply(&L->w1, xn, B, D, g, nthreads);
+        if (!rc) rc = hd_linear_apply(&L->w3, xn, B, D, u, nthreads);
+        if (rc) break;
+#pragma omp simd
+        for (int64_t i = 0; i < B * F; i++) g[i] = g[i] / (1.0f + hd_expf(-g[i])) * u[i]; /* silu(gate) * up */
+        if (!rc) rc = hd_linear_apply(&L->w2, g, B, F, t, nthreads);
+        if (rc) break;
+        for (int64_t i = 0; i < B * D; i++) x[i] += t[i];
+    }
+    if (!rc && M->final_norm)
+        for (int64_t b = 0; b < B; b++) {
+            hd_rms_norm(x + b * D, M->final_norm, D, M->eps, xn + b * D);
+            memcpy(x + b * D, xn + b * D, sizeof(float) * (size_t)D);
+        }
+    free(buf);
+    return rc;
+}

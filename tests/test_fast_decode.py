@@ -1,0 +1,148 @@
+"""The native decode step (herd/quant/decode.py, csrc/herd_decode.c) against the PyTorch path of the same model.
+
+The PyTorch path is itself checked against transformers (test_model_parity, test_generate) and the quantized layers
+against dequantize-then-matmul (test_quant_linear); here the C step must give the same logits, cache contents and
+greedy tokens, and step aside whenever it does not apply."""
+
+import pytest
+import torch
+from torch import nn
+
+from herd.config import ModelConfig
+from herd.engine.generate import generate_batch
+from herd.engine.kv_cache import KVCache
+from herd.errors import ConfigError
+from herd.models.llama import build_model
+from herd.ops.sampling import SamplingParams
+from herd.quant import decode, native
+from herd.quant.linear import quantize_model
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels not built")  # built by pip install
+
+CFG = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=192, max_seq_len=64,
+                  rope_theta=500.0)
+CFG_256 = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=300, ffn_dim=256, max_seq_len=64)
+
+
+def tiny_quantized(scheme="q4_1", act=None, seed=0, config=CFG):
+    torch.manual_seed(seed)
+    model = build_model(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if "norm" not in name else 0.2) + (1.0 if "norm" in name else 0.0))
+    quantize_model(model, scheme, act=act)
+    return model.eval().requires_grad_(False)
+
+
+def run_steps(model, native_on, prompts, steps, rows=None):
+    """Prefill each prompt into its cache row, then decode `steps` tokens greedily; logits (steps, B, V) and cache."""
+    model.native_decode = native_on
+    B = len(prompts)
+    cache = KVCache(model.config, batch=B + 1, max_len=32)
+    rows = torch.arange(B) if rows is None else rows
+    out = []
+    with torch.inference_mode():
+        last = []
+        for b, p in enumerate(prompts):
+            logits = model(torch.tensor([p]), torch.arange(len(p)), cache.rows(int(rows[b])))
+            last.append(int(logits[0, -1].argmax()))
+        pos = torch.tensor([[len(p)] for p in prompts])
+        for _ in range(steps):
+            logits = model(torch.tensor(last)[:, None], pos, cache, cache_rows=rows)[:, -1]
+            out.append(logits)
+            last = logits.argmax(-1).tolist()
+            pos = pos + 1
+    return torch.stack(out), cache
+
+
+def assert_close_to_scale(got, ref, tol):
+    """max |got - ref| <= tol * max |ref|: the two paths sum the small operations in different orders, and the
+    integer modes round activations to a grid, which can turn a last-bit float difference into one grid step."""
+    err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+    assert err <= tol * scale, f"max error {err} vs {tol} x {scale}"
+
+
+# tolerances relative to the largest logit: float activations ~1e-6 measured; int16 ~1e-4; int8 ~1e-7 here
+# (no grid flip with this seed; one flip would move a logit by ~1e-3 of the scale)
+@pytest.mark.parametrize("scheme,act,tol", [("q4_1", "int16", 1e-3), ("q8_0", "int8", 1e-2), ("q4_0", "f32", 5e-5),
+                                            ("q4_k", "int16", 1e-3)])
+def test_native_step_equals_pytorch_path(scheme, act, tol, monkeypatch):
+    model = tiny_quantized(scheme, act, config=CFG if scheme != "q4_k" else CFG_256)
+    calls = []
+    real_run = decode.DecodePlan.run
+    monkeypatch.setattr(decode.DecodePlan, "run", lambda self, *a: calls.append(1) or real_run(self, *a))
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]]  # rows at different positions
+    rows = torch.tensor([2, 0, 1])  # and not in order
+    ref, ref_cache = run_steps(model, False, prompts, 6, rows)
+    assert not calls
+    got, got_cache = run_steps(model, True, prompts, 6, rows)
+    assert len(calls) == 6
+    assert_close_to_scale(got, ref, tol)
+    for a, b in zip(got_cache.k + got_cache.v, ref_cache.k + ref_cache.v):
+        assert_close_to_scale(a, b, tol)
+
+
+def test_greedy_generation_is_unchanged():
+    model = tiny_quantized(seed=3)
+    prompts = [[5, 6, 7], [100, 101, 102, 103, 104], [42]]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    model.native_decode = False
+    ref = [c.output_ids for c in generate_batch(model, prompts, params)]
+    model.native_decode = True
+    assert [c.output_ids for c in generate_batch(model, prompts, params)] == ref
+    assert [generate_batch(model, [p], params)[0].output_ids for p in prompts] == ref  # batch of one too
+
+
+def test_steps_aside_where_it_does_not_apply():
+    model = tiny_quantized()
+    cache = KVCache(CFG, batch=1, max_len=16)
+    assert decode.plan_for(model, cache) is not None
+    assert decode.plan_for(build_model(CFG), cache) is None  # float linear layers
+    assert decode.plan_for(model, KVCache(CFG, batch=1, max_len=16, dtype=torch.bfloat16)) is None
+    model.native_decode = False
+    assert decode.plan_for(model, cache) is None
+    model.native_decode = True
+    # one linear layer swapped for a float one: the plan is dropped and the model runs the PyTorch path
+    lin = model.layers[1].feed_forward.w2
+    model.layers[1].feed_forward.w2 = nn.Linear(lin.in_features, lin.out_features, bias=False)
+    assert decode.plan_for(model, cache) is None
+
+
+def test_plan_follows_weight_changes():
+    model = tiny_quantized(seed=1)
+    other = tiny_quantized(seed=2)
+    prompts = [[3, 4, 5]]
+    run_steps(model, True, prompts, 2)
+    plan = model._decode_plan
+    # new blocks in a layer, and new data for a norm weight (as .to() does): both must be seen
+    model.layers[0].attention.wq = other.layers[0].attention.wq
+    model.layers[1].ffn_norm.weight.data = other.layers[1].ffn_norm.weight.data.clone()
+    ref, _ = run_steps(model, False, prompts, 4)
+    got, _ = run_steps(model, True, prompts, 4)
+    assert model._decode_plan is not plan
+    assert_close_to_scale(got, ref, 1e-3)
+    model.layers[0].attention.wq.act = "int8"  # a new activation mode rebuilds the plan too
+    ref, _ = run_steps(model, False, prompts, 3)
+    got, _ = run_steps(model, True, prompts, 3)
+    assert_close_to_scale(got, ref, 1e-3)
+
+
+def test_position_outside_the_cache_is_a_typed_error():
+    model = tiny_quantized()
+    cache = KVCache(CFG, batch=2, max_len=8)
+    with torch.inference_mode(), pytest.raises(ConfigError, match="outside the cache"):
+        model(torch.tensor([[1], [2]]), torch.tensor([[3], [8]]), cache)
+    with torch.inference_mode(), pytest.raises(ConfigError, match="outside the cache"):
+        model(torch.tensor([[1]]), torch.tensor([[3]]), cache, cache_rows=torch.tensor([2]))
+
+
+@pytest.mark.slow
+def test_default_model_greedy_tokens(smollm_gguf):
+    import herd
+
+    llm = herd.load(smollm_gguf, keep_quantized=True)
+    assert decode.plan_for(llm.model, KVCache(llm.model.config, 1, 8)) is not None
+    prompt = "Name three colours."
+    got = llm.generate(prompt, max_tokens=24).output_ids
+    llm.model.native_decode = False
+    assert llm.generate(prompt, max_tokens=24).output_ids == got
