@@ -30,6 +30,16 @@ def test_generate_json_equals_library(smollm_gguf):
     assert raw["prompt_ids"] == llm.tokenizer.encode("The sky is", bos=llm.tokenizer.add_bos)
 
 
+def test_generate_quantized_equals_the_quantized_library_model_and_the_float_one(smollm_gguf):
+    """--quantized runs the GGUF blocks (kernels + C decode step): the library's quantized model exactly, and here
+    the same greedy tokens as the float model."""
+    args = ("generate", "--model", str(smollm_gguf), "--prompt", "Name a colour.", "--max-tokens", "12", "--json")
+    out = json.loads(run(*args, "--quantized").stdout)
+    q = herd.load(smollm_gguf, keep_quantized=True).generate("Name a colour.", max_tokens=12)
+    assert out["output_ids"] == q.output_ids
+    assert out["output_ids"] == json.loads(run(*args).stdout)["output_ids"]
+
+
 def test_generate_streams_text_and_default_model_is_used():
     p = run("generate", "--prompt", "What is the capital of France?", "--max-tokens", "12")
     assert "Paris" in p.stdout

@@ -24,7 +24,7 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
           max_batch: int = 8, ctx: int | None = None, kv_tokens: int | None = None, max_queue: int = 64,
           page_size: int = 16, prefill_chunk: int = 256, prefix_cache: bool = True, dtype: str | None = None,
           served_model_name: str | None = None, chat_template: str | None = None, log_level: str = "warning",
-          max_connections: int = 1024, vision: str | None = None) -> None:
+          max_connections: int = 1024, vision: str | None = None, keep_quantized: bool = False) -> None:
     """Load a model and serve it over HTTP until interrupted. vision: a `herd train-vision` folder that answers
     requests with images (default: the one trained for this model, when there is one)."""
     import uvicorn
@@ -39,7 +39,7 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
         from pathlib import Path
 
         template = Path(chat_template).read_text(encoding="utf-8")
-    llm = load(model, dtype, chat_template=template)
+    llm = load(model, dtype, chat_template=template, keep_quantized=keep_quantized)
     if ctx is not None and not 2 <= ctx <= llm.config.max_seq_len:
         raise ConfigError(f"--ctx {ctx}: must be between 2 and the model's context, {llm.config.max_seq_len}")
     name = served_model_name or model_name_for(model)

@@ -7,6 +7,8 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page")
     p.add_argument("--model", "-m", default=None, help="checkpoint path or catalog name (default: the default model)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's; GGUF -> float32)")
+    p.add_argument("--quantized", action="store_true", help="GGUF: keep the weights in their block formats (native "
+                   "kernels)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $HERD_API_KEY)")
@@ -38,4 +40,4 @@ def cmd_serve(args) -> None:
           kv_tokens=args.kv_tokens, max_queue=args.max_queue, page_size=args.page_size,
           prefill_chunk=args.prefill_chunk, prefix_cache=not args.no_prefix_cache, dtype=args.dtype,
           served_model_name=args.served_model_name, chat_template=args.chat_template, log_level=args.log_level,
-          vision=args.vision)
+          vision=args.vision, keep_quantized=args.quantized)
