@@ -256,27 +256,33 @@ def save_hf(folder: str | Path, config: ModelConfig, state_dict: dict[str, torch
             raise FormatError(f"tensor {name} has no Hugging Face name")
         hf_sd[hf_name] = t.contiguous()
     dtype = next(iter(hf_sd.values())).dtype
+    write_shards(folder, hf_sd, max_shard_bytes)
+    _atomic_write_text(folder / "config.json", json.dumps(config_to_hf(config, dtype, bos_id, eos_id), indent=2))
+
+
+def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """model.safetensors, or model-NNNNN-of-NNNNN.safetensors shards of at most max_shard_bytes (a tensor larger than
+    that gets a shard of its own) with model.safetensors.index.json; names in sorted order, each file atomic."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for name in sorted(hf_sd):
-        nbytes = hf_sd[name].numel() * hf_sd[name].element_size()
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][name] = hf_sd[name]
+        shards[-1][name] = tensors[name]
         size += nbytes
     if len(shards) == 1:
         _atomic_save(shards[0], folder / "model.safetensors")
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards):
-            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_save(shard, folder / fname)
-            weight_map.update({n: fname for n in shard})
-        total = sum(t.numel() * t.element_size() for t in hf_sd.values())
-        _atomic_write_text(folder / "model.safetensors.index.json",
-                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    _atomic_write_text(folder / "config.json", json.dumps(config_to_hf(config, dtype, bos_id, eos_id), indent=2))
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_save(shard, folder / fname)
+        weight_map.update({n: fname for n in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    _atomic_write_text(folder / "model.safetensors.index.json",
+                       json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:

@@ -16,12 +16,9 @@ Expert layouts, herd (= Meta's model) <-> each format:
 
 from __future__ import annotations
 
-import codecs
-import io
 import json
 import math
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -353,33 +350,14 @@ def load_hf_llama4(folder: str | Path, dtype: torch.dtype | None = None) -> tupl
 def save_hf_llama4(folder: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
                    max_shard_bytes: int = 5 * 2**30, bos_id=None, eos_id=None) -> None:
     """Write config.json + model.safetensors (sharded with an index past max_shard_bytes) for Llama4ForCausalLM."""
-    from herd.formats.hf import _atomic_save, _atomic_write_text
+    from herd.formats.hf import _atomic_write_text, write_shards
 
     folder = Path(folder)
     check_state_dict({k: v for k, v in state_dict.items() if not (k == "output.weight" and config.tie_embeddings)},
                      config, "state dict")
     hf_sd = herd_to_hf(state_dict, config)
     folder.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(hf_sd):
-        nbytes = hf_sd[name].numel() * hf_sd[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = hf_sd[name]
-        size += nbytes
-    if len(shards) == 1:
-        _atomic_save(shards[0], folder / "model.safetensors")
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards):
-            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_save(shard, folder / fname)
-            weight_map.update({n: fname for n in shard})
-        total = sum(t.numel() * t.element_size() for t in hf_sd.values())
-        _atomic_write_text(folder / "model.safetensors.index.json",
-                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_shards(folder, hf_sd, max_shard_bytes)
     dtype = next(iter(hf_sd.values())).dtype
     _atomic_write_text(folder / "config.json", json.dumps(config_to_hf_llama4(config, dtype, bos_id, eos_id),
                                                           indent=2))
@@ -688,48 +666,14 @@ def herd_to_meta(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, 
     return out
 
 
-def _load_meta_shard(path: Path) -> dict[str, torch.Tensor]:
-    """A consolidated.NN.pth of plain tensors; the released files also pickle io.BytesIO `_extra_state` blobs,
-    which are allowed through (as Meta's and HF's loaders do) and dropped."""
-    try:
-        with torch.serialization.safe_globals([io.BytesIO, codecs.encode]):
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise FormatError(f"{path}: not a plain tensor checkpoint; refusing to run code from it ({e})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise FormatError(f"{path}: cannot be read as a PyTorch checkpoint ({e})") from None
-    if not isinstance(sd, dict):
-        raise FormatError(f"{path}: expected a dict of name -> tensor")
-    out = {}
-    for k, v in sd.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v
-        elif not (isinstance(k, str) and k.endswith("_extra_state")):
-            raise FormatError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-    return out
-
-
 def load_meta_llama4(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict]:
     """Read a Meta llama4 folder, merging model-parallel shards."""
+    from herd.formats.meta import read_params, read_shards
+
     folder = Path(folder)
-    params_path = folder / "params.json"
-    try:
-        params = json.loads(params_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FormatError(f"{params_path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{params_path}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise FormatError(f"{params_path}: expected a JSON object")
+    params, params_path = read_params(folder)
     config = config_from_params_llama4(params, str(params_path))
-    paths = sorted(folder.glob("consolidated.*.pth"))
-    if not paths:
-        raise FormatError(f"{folder}: no consolidated.NN.pth files")
-    shards = [_load_meta_shard(p) for p in paths]
-    for p, s in zip(paths[1:], shards[1:]):
-        if set(s) != set(shards[0]):
-            diff = sorted(set(shards[0]).symmetric_difference(s))[:5]
-            raise FormatError(f"{p}: holds different tensors from {paths[0].name} ({diff})")
+    shards = read_shards(folder)
     merged = {name: _merge_shards(name, [s[name] for s in shards], config, str(folder))
               for name in shards[0] if not _META_IGNORED.fullmatch(name)}
     sd = meta_to_herd(merged, config, str(folder))
@@ -754,12 +698,9 @@ def save_meta_llama4(folder: str | Path, config: ModelConfig, state_dict: dict[s
     for name, t in meta.items():
         for s, part in zip(shards, _split_shards(name, t, n_shards, config)):
             s[name] = part.contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, s in enumerate(shards):
-        tmp = folder / f"consolidated.{k:02d}.pth.tmp"
-        torch.save(s, tmp)
-        os.replace(tmp, folder / f"consolidated.{k:02d}.pth")
-    (folder / "params.json").write_text(json.dumps(params, indent=2), encoding="utf-8")
+    from herd.formats.meta import write_shards
+
+    write_shards(folder, shards, params)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import io
 import json
 import os
 import pickle
@@ -91,41 +93,75 @@ def params_from_config(config: ModelConfig) -> dict:
     return params
 
 
-def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """A consolidated.NN.pth of plain tensors, read with weights_only (a pickle that would run code is refused). The
+    released Llama 4 files also pickle io.BytesIO `_extra_state` blobs, which are allowed through (as Meta's and HF's
+    loaders do) and dropped."""
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with torch.serialization.safe_globals([io.BytesIO, codecs.encode]):
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise FormatError(f"{path}: not a plain tensor checkpoint; refusing to run code from it ({e})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise FormatError(f"{path}: cannot be read as a PyTorch checkpoint ({e})") from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+    if not isinstance(sd, dict):
         raise FormatError(f"{path}: expected a dict of name -> tensor")
-    return sd
+    out = {}
+    for k, v in sd.items():
+        if isinstance(k, str) and isinstance(v, torch.Tensor):
+            out[k] = v
+        elif not (isinstance(k, str) and k.endswith("_extra_state")):
+            raise FormatError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    return out
+
+
+def read_params(folder: Path) -> tuple[dict, Path]:
+    """(params.json as a dict, its path); FormatError for a missing or malformed file."""
+    path = folder / "params.json"
+    try:
+        params = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FormatError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return params, path
+
+
+def read_shards(folder: Path) -> list[dict[str, torch.Tensor]]:
+    """Every consolidated.NN.pth of a folder, in order; they must hold the same tensor names."""
+    paths = sorted(folder.glob("consolidated.*.pth"))
+    if not paths:
+        raise FormatError(f"{folder}: no consolidated.NN.pth files")
+    shards = [load_shard(p) for p in paths]
+    for p, s in zip(paths[1:], shards[1:]):
+        if set(s) != set(shards[0]):
+            diff = sorted(set(shards[0]).symmetric_difference(s))[:5]
+            raise FormatError(f"{p}: holds different tensors from {paths[0].name} ({diff})")
+    return shards
+
+
+def write_shards(folder: Path, shards: list[dict[str, torch.Tensor]], params: dict) -> None:
+    """consolidated.00.pth ... (each written atomically) and params.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, s in enumerate(shards):
+        tmp = folder / f"consolidated.{k:02d}.pth.tmp"
+        torch.save(s, tmp)
+        os.replace(tmp, folder / f"consolidated.{k:02d}.pth")
+    (folder / "params.json").write_text(json.dumps(params, indent=2), encoding="utf-8")
 
 
 def load_meta(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a Meta folder, merging model-parallel shards along each tensor's split axis."""
     folder = Path(folder)
-    params_path = folder / "params.json"
-    try:
-        params = json.loads(params_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FormatError(f"{params_path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{params_path}: not valid JSON ({e})") from None
+    params, params_path = read_params(folder)
     from herd.formats.llama4 import is_llama4_params, load_meta_llama4
 
-    if isinstance(params, dict) and is_llama4_params(params):  # Llama 4: herd/formats/llama4.py
+    if is_llama4_params(params):  # Llama 4: herd/formats/llama4.py
         return load_meta_llama4(folder, dtype)
-    shard_paths = sorted(folder.glob("consolidated.*.pth"))
-    if not shard_paths:
-        raise FormatError(f"{folder}: no consolidated.NN.pth files")
-    shards = [_load_shard(p) for p in shard_paths]
+    shards = read_shards(folder)
     names = set(shards[0])
-    for p, s in zip(shard_paths[1:], shards[1:]):
-        if set(s) != names:
-            diff = sorted(names.symmetric_difference(s))[:5]
-            raise FormatError(f"{p}: holds different tensors from {shard_paths[0].name} ({diff})")
     names.discard("rope.freqs")
     llama2 = "rope_theta" not in (params.get("model", params))
     family = "llama2" if llama2 else "llama3"
@@ -170,8 +206,4 @@ def save_meta(folder: str | Path, config: ModelConfig, state_dict: dict[str, tor
             raise ConfigError(f"tensor {name} axis {axis} ({t.shape[axis]}) does not split into {n_shards} shards")
         for s, part in zip(shards, t.chunk(n_shards, dim=axis)):
             s[name] = part.clone().contiguous()
-    for k, s in enumerate(shards):
-        tmp = folder / f"consolidated.{k:02d}.pth.tmp"
-        torch.save(s, tmp)
-        os.replace(tmp, folder / f"consolidated.{k:02d}.pth")
-    (folder / "params.json").write_text(json.dumps(params, indent=2), encoding="utf-8")
+    write_shards(folder, shards, params)
