@@ -554,15 +554,15 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, keep_quantized: bool = False
+def load_gguf(path: str | os.PathLike | GGUFFile, dtype: torch.dtype = torch.float32, keep_quantized: bool = False
               ) -> tuple[ModelConfig, dict[str, torch.Tensor | GGUFTensor], dict[str, Any]]:
-    """(config, state dict in herd names, metadata) of a GGUF file.
+    """(config, state dict in herd names, metadata) of a GGUF file (a path, or one read_gguf already parsed).
 
     Weights are dequantized to `dtype`; with keep_quantized, 2-D weights stored in a block-quantized type stay
     GGUFTensor objects (for the quantized linear layers). A tied model has no output.weight key. `rope.freqs`
     (float32 divisors, shape (head_dim/2,)) appears only when the file's rope_freqs match no llama3 setting.
     """
-    g = read_gguf(path)
+    g = path if isinstance(path, GGUFFile) else read_gguf(path)
     if g.architecture == "llama4":
         from herd.formats.llama4 import state_from_gguf_llama4
 

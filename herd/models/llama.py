@@ -118,17 +118,26 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # nn.Embedding's own N(0, 1) init, skipped on the meta device (build_model): there normal_ runs through
+        # torch._refs, whose first use imports torch._dynamo (~1.4 s, ~65 MB of RSS) to fill nothing
+        emb = torch.empty(config.vocab_size, config.dim)
+        if not emb.is_meta:
+            nn.init.normal_(emb)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, _weight=emb)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.native_decode = True  # decode steps of a quantized model may run in C (herd/quant/decode.py)
+        self.prefill_chunk = 128  # tokens per slice of a long prompt prefilled into a cache (forward, last_only)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # (hd/2,) float32; kept on the CPU-side dtype even when the model is bf16. A checkpoint's own rope_freqs
         # (GGUF) can replace it through set_inv_freq.
-        self.register_buffer("inv_freq", inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-                             .to(device=self.tok_embeddings.weight.device), persistent=False)
+        # (computed on the CPU when building on the meta device: meta arithmetic would import torch._dynamo too)
+        device = self.tok_embeddings.weight.device
+        with torch.device("cpu" if device.type == "meta" else device):
+            inv_freq = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq.to(device=device), persistent=False)
 
     def set_inv_freq(self, inv_freq: torch.Tensor) -> None:
         self.inv_freq = inv_freq.to(torch.float32)
@@ -167,11 +176,30 @@ class Transformer(nn.Module):
                 rows = None if cache_rows is None else cache_rows.reshape(B).to(torch.int64).contiguous()
                 plan.run(x, input_pos.reshape(B).to(torch.int64).contiguous(), cache, rows)
                 return self.output(x.view(B, 1, -1))
+        n = getattr(self, "prefill_chunk", 0)
+        if last_only and cache is not None and not cache.window and 0 < n < T:
+            # a long prompt into the cache in slices: the earlier ones only fill the cache, so no more than
+            # prefill_chunk tokens' activations are live at once (the feed-forward's (T, ffn_dim) float32 tensors
+            # set the peak memory); later slices attend to the cached keys, so the logits equal one pass's up to
+            # float rounding
+            for a in range(0, T - n, n):
+                self._blocks(h[:, a:a + n], input_pos[:, a:a + n], cache, cache_rows)
+            last = (T - 1) // n * n
+            h, input_pos = h[:, last:], input_pos[:, last:]
+        h = self._blocks(h, input_pos, cache, cache_rows)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h))
+
+    def _blocks(self, h: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None,
+                cache_rows: torch.Tensor | None) -> torch.Tensor:
+        """h (B, T, D) through every layer at positions input_pos (B, T) -> (B, T, D)."""
+        B, T = input_pos.shape
         angles = input_pos.float()[..., None] * self.inv_freq  # (B, T, hd/2)
         cos, sin = torch.cos(angles), torch.sin(angles)
         if cache is not None:
             kv_len = int(input_pos.max()) + 1
-            key_pos = torch.arange(kv_len, device=tokens.device).expand(B, kv_len)
+            key_pos = torch.arange(kv_len, device=h.device).expand(B, kv_len)
         else:
             kv_len, key_pos = T, input_pos
         mask = self.masks(input_pos, key_pos)
@@ -179,9 +207,7 @@ class Transformer(nn.Module):
             mask = (mask[0], self.masks(input_pos, cache.ring_positions(input_pos))[1])
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos, mask, cache, kv_len, cache_rows)
-        if last_only:
-            h = h[:, -1:]
-        return self.output(self.norm(h))
+        return h
 
 
 def num_params(model: nn.Module) -> int:
