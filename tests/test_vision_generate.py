@@ -401,3 +401,18 @@ def test_server_answers_image_url_parts_with_the_vision_checkpoint(request, whic
         assert "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"]) == want.text
         text = c.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "Hi"}]}).json()
         assert text["choices"][0]["message"]["content"] == llm.generate("Hi", max_tokens=5, ignore_eos=True).text
+
+
+@pytest.mark.parametrize("which", ["mllama", "llama4"])
+def test_cli_generate_with_image_on_a_vision_checkpoint(request, which, tmp_path, capsys):
+    """`herd generate -m DIR --image PATH --json` on a vision checkpoint: the library's answer, no --vision needed."""
+    from herd.cli import main
+
+    _, llm, folder = request.getfixturevalue(which)
+    path = tmp_path / "pic.png"
+    path.write_bytes(png(50, 30, seed=11))
+    assert main(["generate", "-m", str(folder), "--image", str(path), "-p", "What is it?", "--max-tokens", "4",
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = llm.generate("What is it?", images=[str(path)], max_tokens=4)
+    assert got["prompt_ids"] == want.prompt_ids and got["output_ids"] == want.output_ids

@@ -19,6 +19,7 @@ from herd.config import ModelConfig, RopeScaling, ffn_hidden_dim
 from herd.errors import ConfigError, FormatError
 from herd.formats import keymaps
 from herd.formats.hf import _read_json, _rope_scaling, read_hf_tensors
+from herd.formats.meta import PARAMS_KEYS
 from herd.models.mllama import IMAGE_TOKEN_ID, Mllama, MllamaConfig, fusion_schedule
 from herd.models.vision import MllamaVisionConfig
 
@@ -202,9 +203,17 @@ def load_mllama_hf(folder: str | Path, dtype: torch.dtype | None = None) -> tupl
 # Meta checkpoints
 
 
+_META_VISION_KEYS = {"vision_chunk_size", "vision_max_num_chunks", "vision_num_cross_attention_layers"}
+
+
 def config_from_meta(params: dict, where: str = "params.json") -> MllamaConfig:
     """Meta multimodal params.json -> MllamaConfig (vision tower constants as in Meta's code)."""
-    p = params.get("model", params)
+    p = params.get("model", params) if isinstance(params, dict) else params
+    if not isinstance(p, dict):
+        raise ConfigError(f"{where}: expected a JSON object, found {type(p).__name__}")
+    unknown = sorted(set(p) - (PARAMS_KEYS - {"rope_scaling"}) - _META_VISION_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown params.json keys {unknown}")
     try:
         L, n_cross = int(p["n_layers"]), int(p["vision_num_cross_attention_layers"])
         dim, n_heads = int(p["dim"]), int(p["n_heads"])
@@ -220,6 +229,8 @@ def config_from_meta(params: dict, where: str = "params.json") -> MllamaConfig:
                                     max_num_tiles=int(p["vision_max_num_chunks"]))
     except KeyError as e:
         raise ConfigError(f"{where}: required key {e} is missing") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: a value has the wrong type ({e})") from None
     return MllamaConfig(text=text, vision=vision, xattn_before=fusion_schedule(L, n_cross), zero_unmasked_rows=True)
 
 
