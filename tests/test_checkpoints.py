@@ -104,18 +104,7 @@ def test_rope_parameters_and_rope_scaling_keys_agree(hf_dirs, tmp_path):
 # --- Meta's own reference Transformer (llama_models.llama3.model, fairscale model-parallel of size 1) -----------
 
 @pytest.fixture(scope="module")
-def meta_reference():
-    import os
-
-    import torch.distributed as dist
-
-    fs_init = pytest.importorskip("fairscale.nn.model_parallel.initialize", reason="fairscale is a test dependency")
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(1)
+def meta_reference(meta_model_parallel):
     from llama_models.llama3.args import ModelArgs
     from llama_models.llama3.model import Transformer
 

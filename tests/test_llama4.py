@@ -2,7 +2,6 @@
 llama.cpp, on tiny random configs; the three checkpoint formats; the bounded chunked-attention cache; the MoE."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -190,16 +189,7 @@ def test_meta_format_round_trip(pair, tmp_path, shards):
 
 
 @pytest.fixture(scope="module")
-def meta_llama4():
-    import torch.distributed as dist
-
-    fs_init = pytest.importorskip("fairscale.nn.model_parallel.initialize", reason="fairscale is a test dependency")
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(1)
+def meta_llama4(meta_model_parallel):
     from llama_models.llama4.args import ModelArgs
     from llama_models.llama4.datatypes import TransformerInput
     from llama_models.llama4.model import Transformer

@@ -82,17 +82,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def meta():
+def meta(meta_model_parallel):
     """Meta's multimodal module (fairscale model parallel of size 1 over an in-process store: no port needed)."""
     import importlib.util
 
-    import torch.distributed as dist
-
-    fs_init = pytest.importorskip("fairscale.nn.model_parallel.initialize", reason="fairscale is a test dependency")
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(1)
     stand_in = {} if importlib.util.find_spec("torchvision") else _torchvision_stand_in()
     sys.modules.update(stand_in)
     try:
