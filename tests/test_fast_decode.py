@@ -34,11 +34,11 @@ def tiny_quantized(scheme="q4_1", act=None, seed=0, config=CFG):
     return model.eval().requires_grad_(False)
 
 
-def run_steps(model, native_on, prompts, steps, rows=None):
+def run_steps(model, native_on, prompts, steps, rows=None, max_len=32):
     """Prefill each prompt into its cache row, then decode `steps` tokens greedily; logits (steps, B, V) and cache."""
     model.native_decode = native_on
     B = len(prompts)
-    cache = KVCache(model.config, batch=B + 1, max_len=32)
+    cache = KVCache(model.config, batch=B + 1, max_len=max_len)
     rows = torch.arange(B) if rows is None else rows
     out = []
     with torch.inference_mode():
@@ -80,6 +80,19 @@ def test_native_step_equals_pytorch_path(scheme, act, tol, monkeypatch):
     assert_close_to_scale(got, ref, tol)
     for a, b in zip(got_cache.k + got_cache.v, ref_cache.k + ref_cache.v):
         assert_close_to_scale(a, b, tol)
+
+
+# attention shapes around the C code's blocking: head_dim 48 (3 x 16 floats), 32 with 5 query heads per KV head
+# (blocks of 4 heads), 24 (not a multiple of 16: the portable loop); positions past 16 and 32 (blocks of 16 keys)
+@pytest.mark.parametrize("dim,n_heads,n_kv_heads", [(192, 4, 1), (320, 10, 2), (96, 4, 2)])
+def test_native_attention_over_longer_contexts(dim, n_heads, n_kv_heads):
+    config = ModelConfig(dim=dim, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=300, ffn_dim=128,
+                         max_seq_len=64)
+    model = tiny_quantized("q8_0", "f32", seed=4, config=config)
+    prompts = [list(range(1, 36)), list(range(40, 57)), [9] * 30]
+    ref, _ = run_steps(model, False, prompts, 5, max_len=48)
+    got, _ = run_steps(model, True, prompts, 5, max_len=48)
+    assert_close_to_scale(got, ref, 5e-5)
 
 
 def test_greedy_generation_is_unchanged():

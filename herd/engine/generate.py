@@ -175,8 +175,13 @@ class BatchRun:
                 pos = torch.tensor([[len(s.prompt) + len(s.out) - 1] for s in live], device=device)
                 rows = None if len(live) == cache.batch else torch.tensor([row[id(s)] for s in live], device=device)
                 logits = model(tokens, pos, cache, cache_rows=rows)[:, -1]
-                for s, lg in zip(live, logits):
-                    yield s.add(pick_token(lg, s.p, s.generator, s.prompt + s.out), lg)
+                # all rows greedy without a penalty (the common case): one argmax for the batch (the same first
+                # maximum per row as pick_token's)
+                greedy = all(s.p.temperature == 0 and s.p.repetition_penalty == 1.0 for s in live)
+                picks = logits.argmax(-1).tolist() if greedy else None
+                for j, (s, lg) in enumerate(zip(live, logits)):
+                    token = picks[j] if greedy else pick_token(lg, s.p, s.generator, s.prompt + s.out)
+                    yield s.add(token, lg)
 
 
 def generate_batch(model, prompts, params, tokenizer=None, stop_ids=frozenset()) -> list[Completion]:

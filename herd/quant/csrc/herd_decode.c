@@ -81,19 +81,113 @@ static void hd_rope(float *v, int64_t nh, int64_t hd, const float *cs, const flo
     }
 }
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+/* Lane p of the result = ((0 + a[p][0]) + a[p][1]) + ... + a[p][15]: each vector's lanes summed in order, as the
+ * portable loop's `omp simd` reduction does (so both paths give the same bits); through a 16 x 16 transpose. */
+static inline __m512 hd_sum_lanes16(const __m512 *a) {
+    __m512 t[16], u[16], col[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* u[4i + e], 128-bit lane L: element e of lane L of rows 4i .. 4i + 3 */
+        __m512d t0 = _mm512_castps_pd(t[4 * i]), t1 = _mm512_castps_pd(t[4 * i + 1]);
+        __m512d t2 = _mm512_castps_pd(t[4 * i + 2]), t3 = _mm512_castps_pd(t[4 * i + 3]);
+        u[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+        u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+        u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+        u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+    }
+    for (int e = 0; e < 4; e++) { /* column 4L + e = lanes L of u[e], u[4 + e], u[8 + e], u[12 + e] */
+        __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44), v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xEE);
+        __m512 v2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44), v3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xEE);
+        col[e] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+        col[4 + e] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+        col[8 + e] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+        col[12 + e] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+    }
+    __m512 s = _mm512_setzero_ps();
+    for (int c = 0; c < 16; c++) s = _mm512_add_ps(s, col[c]);
+    return s;
+}
+
+/* scores sc[r * n + p] = q_r . K_p * scale for hd % 16 == 0, 16 positions at a time; the same arithmetic as the
+ * portable loop: per lane an FMA chain over the 16-float chunks, then the lanes summed in order. */
+static void hd_scores_avx512(const float *q, int64_t R, const float *K, int64_t n, int64_t hd, float scale, float *sc) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *qr = q + r * hd;
+        for (int64_t p0 = 0; p0 < n; p0 += 16) {
+            const int np = (int)(n - p0 < 16 ? n - p0 : 16);
+            const float *kp[16]; /* positions past the end repeat the last one; their scores are not stored */
+            __m512 a[16];
+            for (int j = 0; j < 16; j++) {
+                kp[j] = K + (p0 + (j < np ? j : np - 1)) * hd;
+                a[j] = _mm512_setzero_ps();
+            }
+            for (int64_t i = 0; i < hd; i += 16) {
+                const __m512 qv = _mm512_loadu_ps(qr + i);
+                for (int j = 0; j < 16; j++) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kp[j] + i), a[j]);
+            }
+            _mm512_mask_storeu_ps(sc + r * n + p0, (__mmask16)((1u << np) - 1u),
+                                  _mm512_mul_ps(hd_sum_lanes16(a), _mm512_set1_ps(scale)));
+        }
+    }
+}
+
+/* out (R, hd) = weights sc (R, n) . V (n, hd) for hd % 16 == 0: blocks of 4 heads x 64 columns in registers, an FMA
+ * chain over the positions per element (the portable loop's order). Heads / columns past the end are computed
+ * on repeated data and not stored. */
+static void hd_weighted_sum_avx512(const float *sc, int64_t R, const float *V, int64_t n, int64_t hd, float *out) {
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+        const float *w[4];
+        for (int r = 0; r < 4; r++) w[r] = sc + (r0 + r < R ? r0 + r : R - 1) * n;
+        for (int64_t c0 = 0; c0 < hd; c0 += 64) {
+            int64_t col[4];
+            for (int c = 0; c < 4; c++) col[c] = c0 + 16 * c < hd ? c0 + 16 * c : hd - 16;
+            __m512 acc[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+            for (int64_t p = 0; p < n; p++) {
+                const float *vp = V + p * hd;
+                __m512 v[4];
+                for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(vp + col[c]);
+                for (int r = 0; r < 4; r++) {
+                    const __m512 wr = _mm512_set1_ps(w[r][p]);
+                    for (int c = 0; c < 4; c++) acc[r][c] = _mm512_fmadd_ps(wr, v[c], acc[r][c]);
+                }
+            }
+            for (int r = 0; r < 4 && r0 + r < R; r++)
+                for (int c = 0; c < 4 && c0 + 16 * c < hd; c++) _mm512_storeu_ps(out + (r0 + r) * hd + c0 + 16 * c, acc[r][c]);
+        }
+    }
+}
+#endif
+
 /* The R query heads q (R, hd) that share one KV head, over its positions 0..n-1:
  * out (R, hd) = softmax(q . K^T / sqrt(hd)) V, each key and value row read once for all R. sc: R * n floats. */
 static void hd_attend_group(const float *q, int64_t R, const float *K, const float *V, int64_t n, int64_t hd,
                             float *sc, float *out) {
     const float scale = 1.0f / sqrtf((float)hd);
-    for (int64_t p = 0; p < n; p++) {
-        const float *kp = K + p * hd;
-        for (int64_t r = 0; r < R; r++) {
-            const float *qr = q + r * hd;
-            float s = 0.0f;
+#ifdef __AVX512F__
+    const int simd = hd % 16 == 0;
+#else
+    const int simd = 0;
+#endif
+    if (simd) {
+#ifdef __AVX512F__
+        hd_scores_avx512(q, R, K, n, hd, scale, sc);
+#endif
+    } else {
+        for (int64_t p = 0; p < n; p++) {
+            const float *kp = K + p * hd;
+            for (int64_t r = 0; r < R; r++) {
+                const float *qr = q + r * hd;
+                float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < hd; i++) s += qr[i] * kp[i];
-            sc[r * n + p] = s * scale;
+                for (int64_t i = 0; i < hd; i++) s += qr[i] * kp[i];
+                sc[r * n + p] = s * scale;
+            }
         }
     }
     for (int64_t r = 0; r < R; r++) {
@@ -106,6 +200,12 @@ static void hd_attend_group(const float *q, int64_t R, const float *K, const flo
         }
         const float inv = 1.0f / sum;
         for (int64_t p = 0; p < n; p++) sr[p] *= inv;
+    }
+    if (simd) {
+#ifdef __AVX512F__
+        hd_weighted_sum_avx512(sc, R, V, n, hd, out);
+#endif
+        return;
     }
     memset(out, 0, sizeof(float) * (size_t)(R * hd));
     for (int64_t p = 0; p < n; p++) {

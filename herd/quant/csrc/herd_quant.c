@@ -462,44 +462,84 @@ HQ_ALWAYS_INLINE void hq_dec_f32_avx512(const hq_job *J, int64_t r0, int64_t r1,
  *    Q8_0 is stored as u = q + 128 with m = -128 d; Q6_K keeps separate scales per 16-element half.
  *    int16 activations reuse the same tiles: vpshufb widens bytes (0, 1) and (2, 3) of each lane to int16
  *    pairs for two vpdpwssd against broadcast pairs of activations.
+ *    The packing is a transpose in zmm registers (Q4_0 / Q4_1 straight from their packed nibbles). At 8 rows
+ *    the micro kernel is bound by its vpdpwssd / vpdpbusd and the 4 float operations per group and row, which
+ *    share the same two pipes on Zen 4; the packing adds ~25% (int16) to that. The next tile's weights are
+ *    prefetched spread over the micro kernel's groups.
  * ===================================================================================================== */
 #define HQ_NR 16
 #define HQ_MR 8
+#ifndef HQ_PF_TILES
+#define HQ_PF_TILES 1 /* the GEMM prefetches the weights of the tile this many tiles on */
+#endif
 
-/* Transpose 8 rows of 8 dwords (ymm each) in place: r[j] becomes column j. */
-HQ_ALWAYS_INLINE void hq_transpose8x8(__m256 *r) {
-    __m256 t[8], s[8];
+/* Two 8x8 dword transposes at once, one per 256-bit half: z[j] holds rows j (low half) and j + 8 (high half) of
+ * 8 dwords each; afterwards z[q] holds dword q of rows 0..15 (lane = row). */
+HQ_ALWAYS_INLINE void hq_transpose16x8(__m512i *z) {
+    __m512i t[8], s[8];
     for (int i = 0; i < 4; i++) {
-        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i] = _mm512_unpacklo_epi32(z[2 * i], z[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(z[2 * i], z[2 * i + 1]);
     }
     for (int i = 0; i < 2; i++) {
-        s[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-        s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-        s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-        s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+        s[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        s[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        s[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        s[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
     }
+    const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
     for (int j = 0; j < 4; j++) {
-        r[j] = _mm256_permute2f128_ps(s[j], s[j + 4], 0x20);
-        r[j + 4] = _mm256_permute2f128_ps(s[j], s[j + 4], 0x31);
+        z[j] = _mm512_permutex2var_epi64(s[j], lo, s[j + 4]);
+        z[j + 4] = _mm512_permutex2var_epi64(s[j], hi, s[j + 4]);
+    }
+}
+
+/* Q4_0 / Q4_1, the 16 bytes of 4-bit values of 16 rows -> the 8 quads of the tile. Row r's byte j holds elements j
+ * (low nibble) and j + 16 (high nibble), so dword d of the packed bytes gives quads d and d + 4: transpose the
+ * 16 x 4 dwords (4 rows per zmm, one row per 128-bit lane), then split the nibbles. */
+HQ_ALWAYS_INLINE void hq_pack_nibbles16(const uint8_t *qs, int64_t stride, int nr, __m512i *out) {
+    __m512i t[4], u[4];
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int j = 0; j < 4; j++) {
+        __m512i a = _mm512_setzero_si512();
+        if (4 * j + 3 < nr) {
+            a = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(qs + (4 * j) * stride)));
+            a = _mm512_inserti32x4(a, _mm_loadu_si128((const __m128i *)(qs + (4 * j + 1) * stride)), 1);
+            a = _mm512_inserti32x4(a, _mm_loadu_si128((const __m128i *)(qs + (4 * j + 2) * stride)), 2);
+            a = _mm512_inserti32x4(a, _mm_loadu_si128((const __m128i *)(qs + (4 * j + 3) * stride)), 3);
+        } else {
+            for (int l = 0; l < 4 && 4 * j + l < nr; l++)
+                a = _mm512_mask_broadcast_i32x4(a, (__mmask16)(0xFu << (4 * l)),
+                                                _mm_loadu_si128((const __m128i *)(qs + (4 * j + l) * stride)));
+        }
+        t[j] = _mm512_permutexvar_epi32(idx, a); /* lane d: dword d of the 4 rows */
+    }
+    u[0] = _mm512_shuffle_i32x4(t[0], t[1], 0x44); /* lanes t0.0, t0.1, t1.0, t1.1 */
+    u[1] = _mm512_shuffle_i32x4(t[0], t[1], 0xEE);
+    u[2] = _mm512_shuffle_i32x4(t[2], t[3], 0x44);
+    u[3] = _mm512_shuffle_i32x4(t[2], t[3], 0xEE);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int d = 0; d < 4; d++) {
+        __m512i p = _mm512_shuffle_i32x4(u[d >> 1], u[2 + (d >> 1)], (d & 1) ? 0xDD : 0x88); /* dword d, rows 0..15 */
+        out[d] = _mm512_and_si512(p, m4);
+        out[d + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
     }
 }
 
 /* Unpack blocks [b0, b1) of weight rows [r0, r0 + nr) (nr <= 16) into pu [group][8][16][4], ps [group][2][16]
- * (scales of the two halves; the second only for Q6_K) and pm [group][2][16] (offsets); missing rows are zero. Per group, the 16 rows'
- * 32 bytes are transposed as two 8x8 dword matrices. */
+ * (scales of the two halves; the second only for Q6_K) and pm [group][2][16] (offsets); missing rows are zero. */
 HQ_ALWAYS_INLINE void hq_gemm_pack(const hq_job *J, int64_t r0, int nr, int64_t b0, int64_t b1, uint8_t *pu,
-                                   float *ps, float *pm, const int type) {
+                                   float *ps, float *pm, int pf_rows, const int type) {
     const int QK = hq_block_elems(type), BS = hq_block_bytes(type), G = QK / 32, sgn = type == HQ_Q8_0;
-    const int ktab = G > 1, split = type == HQ_Q6_K;
+    const int ktab = G > 1, split = type == HQ_Q6_K, nib = type == HQ_Q4_0 || type == HQ_Q4_1;
     const __mmask16 rows = (__mmask16)((1u << nr) - 1u);
     const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32((int)J->rowbytes));
     float tab[HQ_NR][16];
     for (int64_t b = b0; b < b1; b++) {
         const uint8_t *base = J->w + r0 * J->rowbytes + b * BS;
-        for (int rr = 0; rr < HQ_NR; rr++) /* the same blocks of the next tile of rows */
-            hq_prefetch_span(base + (HQ_NR + rr) * J->rowbytes, BS);
+        if (pf_rows) /* the same blocks of the tile of rows HQ_PF_TILES on */
+            for (int rr = 0; rr < HQ_NR; rr++) hq_prefetch_span(base + (HQ_PF_TILES * HQ_NR + rr) * J->rowbytes, BS);
         if (ktab) {
             for (int rr = 0; rr < nr; rr++) hq_kblock_tab(type, base + rr * J->rowbytes, tab[rr]);
         } else { /* one group per block: gather the 16 rows' fp16 d (and m) at once */
@@ -517,16 +557,24 @@ HQ_ALWAYS_INLINE void hq_gemm_pack(const hq_job *J, int64_t r0, int nr, int64_t 
         for (int g = 0; g < G; g++) {
             const int64_t gi = (b - b0) * G + g;
             float *gs = ps + gi * 32, *gm = pm + gi * 32;
-            __m256 lo[8], hi[8];
-            for (int rr = 0; rr < HQ_NR; rr++) {
-                __m256i u = _mm256_setzero_si256();
-                if (rr < nr) {
-                    u = hq_group_u8(type, base + rr * J->rowbytes, g);
-                    if (sgn) u = _mm256_xor_si256(u, _mm256_set1_epi8((char)0x80)); /* int8 q -> u8 q + 128 */
+            __m512i z[8];
+            if (nib) {
+                hq_pack_nibbles16(base + (type == HQ_Q4_0 ? 2 : 4), J->rowbytes, nr, z);
+            } else {
+                for (int j = 0; j < 8; j++) {
+                    __m256i u0 = j < nr ? hq_group_u8(type, base + j * J->rowbytes, g) : _mm256_setzero_si256();
+                    __m256i u1 = j + 8 < nr ? hq_group_u8(type, base + (j + 8) * J->rowbytes, g) : _mm256_setzero_si256();
+                    z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(u0), u1, 1);
                 }
-                if (rr < 8) lo[rr] = _mm256_castsi256_ps(u);
-                else hi[rr - 8] = _mm256_castsi256_ps(u);
-                if (ktab) {
+                hq_transpose16x8(z);
+            }
+            for (int qd = 0; qd < 8; qd++) {
+                __m512i v = z[qd];
+                if (sgn) v = _mm512_maskz_xor_epi32(rows, v, _mm512_set1_epi8((char)0x80)); /* int8 q -> u8 q + 128 */
+                _mm512_store_si512((void *)(pu + gi * 512 + qd * 64), v);
+            }
+            if (ktab)
+                for (int rr = 0; rr < HQ_NR; rr++) {
                     float da = 0.0f, ma = 0.0f, db = 0.0f, mb = 0.0f;
                     if (rr < nr) {
                         da = tab[rr][2 * g];
@@ -536,22 +584,19 @@ HQ_ALWAYS_INLINE void hq_gemm_pack(const hq_job *J, int64_t r0, int nr, int64_t 
                     gs[rr] = da; gm[rr] = ma;
                     if (split) { gs[16 + rr] = db; gm[16 + rr] = mb; }
                 }
-            }
-            hq_transpose8x8(lo);
-            hq_transpose8x8(hi);
-            float *dst = (float *)(pu + gi * 512);
-            for (int qd = 0; qd < 8; qd++) {
-                _mm256_storeu_ps(dst + qd * 16, lo[qd]);
-                _mm256_storeu_ps(dst + qd * 16 + 8, hi[qd]);
-            }
         }
     }
 }
 
+/* 4 bytes at p broadcast to all 16 lanes, read in place (folds into the {1to16} memory operand of vpdpwssd /
+ * vpdpbusd; a memcpy to a scalar first makes gcc broadcast from a general register, one slow uop per product) */
+typedef int32_t hq_i32u __attribute__((aligned(1), may_alias));
+HQ_ALWAYS_INLINE __m512i hq_bcast32(const void *p) { return _mm512_set1_epi32(*(const hq_i32u *)p); }
+
 /* y[i0 .. i0+MR) x [c0, c0 + nc) += packed groups [g0, g1) (or = when !accum). */
 HQ_ALWAYS_INLINE void hq_gemm_micro(const hq_job *J, const uint8_t *pu, const float *ps, const float *pm, int64_t i0,
-                                    int64_t c0, int nc, int64_t g0, int64_t g1, int accum, const int MR,
-                                    const int split, const int wide) {
+                                    int64_t c0, int nc, int64_t g0, int64_t g1, int accum, const uint8_t *pf,
+                                    int64_t pf_bytes, const int MR, const int split, const int wide) {
     const int64_t k = J->k, ng = k / 32;
     const __mmask16 mask = (__mmask16)((1u << nc) - 1u);
     /* int16 activations: bytes (0, 1) and (2, 3) of each 4-byte lane, zero-extended to int16 pairs */
@@ -566,23 +611,21 @@ HQ_ALWAYS_INLINE void hq_gemm_micro(const hq_job *J, const uint8_t *pu, const fl
     for (int64_t gi = g0; gi < g1; gi++) {
         const uint8_t *pg = pu + (gi - g0) * 512;
         const float *pgs = ps + (gi - g0) * 32, *pgm = pm + (gi - g0) * 32;
+        if (pf) hq_prefetch_span(pf + (gi - g0) * pf_bytes, pf_bytes);
         for (int i = 0; i < MR; i++) acci[i] = _mm512_setzero_si512();
+#pragma GCC unroll 8
         for (int qd = 0; qd < 8; qd++) {
             __m512i wv = _mm512_loadu_si512((const void *)(pg + qd * 64));
             if (wide) {
                 __m512i w0 = _mm512_shuffle_epi8(wv, sel_lo), w1 = _mm512_shuffle_epi8(wv, sel_hi);
                 for (int i = 0; i < MR; i++) {
-                    int32_t x2[2];
-                    memcpy(x2, J->q16 + (i0 + i) * k + gi * 32 + qd * 4, 8);
-                    acci[i] = _mm512_dpwssd_epi32(acci[i], w0, _mm512_set1_epi32(x2[0]));
-                    acci[i] = _mm512_dpwssd_epi32(acci[i], w1, _mm512_set1_epi32(x2[1]));
+                    const int16_t *xp = J->q16 + (i0 + i) * k + gi * 32 + qd * 4;
+                    acci[i] = _mm512_dpwssd_epi32(acci[i], w0, hq_bcast32(xp));
+                    acci[i] = _mm512_dpwssd_epi32(acci[i], w1, hq_bcast32(xp + 2));
                 }
             } else {
-                for (int i = 0; i < MR; i++) {
-                    int32_t qx;
-                    memcpy(&qx, J->q + (i0 + i) * k + gi * 32 + qd * 4, 4);
-                    acci[i] = _mm512_dpbusd_epi32(acci[i], wv, _mm512_set1_epi32(qx));
-                }
+                for (int i = 0; i < MR; i++)
+                    acci[i] = _mm512_dpbusd_epi32(acci[i], wv, hq_bcast32(J->q + (i0 + i) * k + gi * 32 + qd * 4));
             }
             if (split && qd == 3) { /* first 16 elements of the group have their own scale */
                 __m512 sv = _mm512_loadu_ps(pgs), mv = _mm512_loadu_ps(pgm);
@@ -616,17 +659,29 @@ HQ_ALWAYS_INLINE void hq_gemm_int(const hq_job *J, int64_t r0, int64_t r1, const
     float *ps = (float *)aligned_alloc(64, (size_t)(bpc * G * 32 * sizeof(float)));
     float *pm = (float *)aligned_alloc(64, (size_t)(bpc * G * 32 * sizeof(float)));
     if (!pu || !ps || !pm) { free(pu); free(ps); free(pm); *J->failed = 1; return; }
+    { /* the first tiles, which no earlier tile prefetched */
+        const int64_t e = r0 + HQ_PF_TILES * HQ_NR < r1 ? r0 + HQ_PF_TILES * HQ_NR : r1;
+        hq_prefetch_span(J->w + r0 * J->rowbytes, (e - r0) * J->rowbytes);
+    }
     for (int64_t c0 = r0; c0 < r1; c0 += HQ_NR) {
         const int nc = (int)(r1 - c0 < HQ_NR ? r1 - c0 : HQ_NR);
         for (int64_t b0 = 0; b0 < nb; b0 += bpc) {
             const int64_t b1 = b0 + bpc < nb ? b0 + bpc : nb, g0 = b0 * G, g1 = b1 * G;
             const int accum = b0 > 0;
-            hq_gemm_pack(J, c0, nc, b0, b1, pu, ps, pm, type);
+            /* prefetch the tile HQ_PF_TILES on: when all of K is one chunk it is contiguous, and the first micro
+             * kernel spreads its lines over its groups (a burst of them from the packing would stall on the
+             * outstanding misses); else the packing takes each row's blocks */
+            const int whole = b0 == 0 && b1 == nb;
+            const uint8_t *pf = whole ? J->w + (c0 + HQ_PF_TILES * HQ_NR) * J->rowbytes : NULL;
+            const int64_t pf_bytes = (HQ_NR * J->rowbytes + (g1 - g0) - 1) / (g1 - g0);
+            hq_gemm_pack(J, c0, nc, b0, b1, pu, ps, pm, !whole, type);
             int64_t i0 = 0;
-            for (; i0 + HQ_MR <= J->m; i0 += HQ_MR)
-                hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, HQ_MR, split, wide);
-            for (; i0 + 4 <= J->m; i0 += 4) hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, 4, split, wide);
-            for (; i0 < J->m; i0++) hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, 1, split, wide);
+            for (; i0 + HQ_MR <= J->m; i0 += HQ_MR, pf = NULL)
+                hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, pf, pf_bytes, HQ_MR, split, wide);
+            for (; i0 + 4 <= J->m; i0 += 4, pf = NULL)
+                hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, pf, pf_bytes, 4, split, wide);
+            for (; i0 < J->m; i0++, pf = NULL)
+                hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, pf, pf_bytes, 1, split, wide);
         }
     }
     free(pu); free(ps); free(pm);
