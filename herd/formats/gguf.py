@@ -27,6 +27,7 @@ import torch
 
 from herd.config import ModelConfig, RopeScaling
 from herd.errors import ConfigError, FormatError, ModelNotFoundError
+from herd.formats import keymaps
 from herd.quant import blocks
 
 GGUF_MAGIC = b"GGUF"
@@ -41,29 +42,9 @@ MAX_NUMBER_ARRAY = 1 << 22  # numbers in one metadata array (vocabularies have ~
 # Names: GGUF pattern -> herd pattern per architecture; "{i}" is the layer index. Another architecture (llama4)
 # adds its own table here, its ignorable tensors below, and its config reader to CONFIG_READERS.
 
-TENSOR_NAMES: dict[str, dict[str, str]] = {
-    "llama": {
-        "token_embd.weight": "tok_embeddings.weight",
-        "output_norm.weight": "norm.weight",
-        "output.weight": "output.weight",
-        "rope_freqs.weight": "rope.freqs",
-        "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
-        "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
-        "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
-        "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
-        "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
-        "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
-        "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
-        "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
-        "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
-    },
-}
+TENSOR_NAMES: dict[str, dict[str, str]] = {"llama": keymaps.GGUF_NAMES}
 # Tensors that carry nothing herd needs (old converters stored the RoPE table per layer).
 IGNORED_TENSORS: dict[str, re.Pattern] = {"llama": re.compile(r"blk\.\d+\.attn_rot_embd\.weight")}
-
-
-def _compile(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
-    return [(re.compile("^" + re.escape(a).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), b) for a, b in table.items()]
 
 
 _RULES: dict[str, tuple[list, list]] = {}
@@ -73,25 +54,17 @@ def _rules(arch: str) -> tuple[list, list]:
     """(GGUF -> herd, herd -> GGUF) compiled rules of an architecture's table."""
     if arch not in _RULES:
         table = TENSOR_NAMES[arch]
-        _RULES[arch] = (_compile(table), _compile({v: k for k, v in table.items()}))
+        _RULES[arch] = (keymaps.compile_names(table), keymaps.compile_names({v: k for k, v in table.items()}))
     return _RULES[arch]
-
-
-def _rename(name: str, rules) -> str | None:
-    for pattern, dst in rules:
-        m = pattern.match(name)
-        if m:
-            return dst.replace("{i}", m.group("i")) if "i" in m.groupdict() else dst
-    return None
 
 
 def gguf_to_herd_name(name: str, arch: str = "llama") -> str | None:
     """'blk.3.ffn_gate.weight' -> 'layers.3.feed_forward.w1.weight'; None if the name is not in the table."""
-    return _rename(name, _rules(arch)[0])
+    return keymaps.rename(name, _rules(arch)[0])
 
 
 def herd_to_gguf_name(name: str, arch: str = "llama") -> str | None:
-    return _rename(name, _rules(arch)[1])
+    return keymaps.rename(name, _rules(arch)[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,15 +40,32 @@ META_SHARD_AXIS: dict[str, int | None] = {
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def _compile(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
-    return [(re.compile("^" + re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), dst) for src, dst in table.items()]
+# GGUF (llama.cpp) name pattern -> herd name pattern of the llama architecture; llama4 extends it.
+GGUF_NAMES: dict[str, str] = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "rope_freqs.weight": "rope.freqs",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
+}
 
 
-_TO_HF = _compile(HF_NAMES)
-_FROM_HF = _compile({v: k for k, v in HF_NAMES.items()})
+def compile_names(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+    """A name table (patterns with "{i}" for the layer index) -> match rules for rename()."""
+    return [(re.compile("^" + re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), dst)
+            for src, dst in table.items()]
 
 
-def _rename(name: str, rules) -> str | None:
+def rename(name: str, rules) -> str | None:
+    """The name a table's rules give `name`, or None if no pattern matches."""
     for pattern, dst in rules:
         m = pattern.match(name)
         if m:
@@ -56,12 +73,16 @@ def _rename(name: str, rules) -> str | None:
     return None
 
 
+_TO_HF = compile_names(HF_NAMES)
+_FROM_HF = compile_names({v: k for k, v in HF_NAMES.items()})
+
+
 def herd_to_hf_name(name: str) -> str | None:
-    return _rename(name, _TO_HF)
+    return rename(name, _TO_HF)
 
 
 def hf_to_herd_name(name: str) -> str | None:
-    return _rename(name, _FROM_HF)
+    return rename(name, _FROM_HF)
 
 
 def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 
 from herd.config import ModelConfig, MoEConfig, RopeScaling, ffn_hidden_dim
 from herd.errors import ConfigError, FormatError
+from herd.formats import keymaps
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shapes every Llama 4 checkpoint must fill, by herd name
@@ -274,19 +275,7 @@ HF_NAMES: dict[str, str] = {
 }
 
 
-def _compile(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
-    return [(re.compile("^" + re.escape(a).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), b) for a, b in table.items()]
-
-
-_TO_HF, _FROM_HF = _compile(HF_NAMES), _compile({v: k for k, v in HF_NAMES.items()})
-
-
-def _rename(name: str, rules) -> str | None:
-    for pattern, dst in rules:
-        m = pattern.match(name)
-        if m:
-            return dst.replace("{i}", m.group("i")) if "i" in m.groupdict() else dst
-    return None
+_TO_HF, _FROM_HF = keymaps.compile_names(HF_NAMES), keymaps.compile_names({v: k for k, v in HF_NAMES.items()})
 
 
 def hf_to_herd(tensors: dict[str, torch.Tensor], config: ModelConfig, where: str) -> dict[str, torch.Tensor]:
@@ -298,7 +287,7 @@ def hf_to_herd(tensors: dict[str, torch.Tensor], config: ModelConfig, where: str
         if name.startswith(_HF_SKIPPED_PREFIXES) or HF_IGNORED.fullmatch(name):
             continue
         name = name.removeprefix("language_model.")
-        herd = _rename(name, _FROM_HF)
+        herd = keymaps.rename(name, _FROM_HF)
         if herd is None:
             raise FormatError(f"{where}: unexpected tensor {name!r} for a Llama 4 text model")
         if herd.endswith("router_DE"):
@@ -325,9 +314,10 @@ def herd_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, to
         if name.endswith("experts.w3"):
             continue  # written with w1
         if name.endswith("experts.w1"):
-            out[_rename(name.removesuffix("w1") + "w1+w3", _TO_HF)] = torch.cat((t, sd[name[:-1] + "3"]), dim=-1)
+            fused = keymaps.rename(name.removesuffix("w1") + "w1+w3", _TO_HF)
+            out[fused] = torch.cat((t, sd[name[:-1] + "3"]), dim=-1)
             continue
-        hf = _rename(name, _TO_HF)
+        hf = keymaps.rename(name, _TO_HF)
         if hf is None:
             raise FormatError(f"tensor {name} has no Hugging Face Llama 4 name")
         out[hf] = t.t() if name.endswith("router_DE") else t
@@ -720,19 +710,7 @@ GGUF_HERD_KEYS = {  # herd extension key (after "llama4.") -> ModelConfig field
 
 # GGUF name pattern -> herd name pattern; experts and router change layout (module docstring)
 GGUF_TENSOR_NAMES: dict[str, str] = {
-    "token_embd.weight": "tok_embeddings.weight",
-    "output_norm.weight": "norm.weight",
-    "output.weight": "output.weight",
-    "rope_freqs.weight": "rope.freqs",
-    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
-    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
-    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
-    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
-    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
-    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
-    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
-    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
-    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
+    **keymaps.GGUF_NAMES,
     "blk.{i}.ffn_gate_shexp.weight": "layers.{i}.feed_forward.shared_expert.w1.weight",
     "blk.{i}.ffn_up_shexp.weight": "layers.{i}.feed_forward.shared_expert.w3.weight",
     "blk.{i}.ffn_down_shexp.weight": "layers.{i}.feed_forward.shared_expert.w2.weight",
@@ -742,16 +720,17 @@ GGUF_TENSOR_NAMES: dict[str, str] = {
     "blk.{i}.ffn_down_exps.weight": "layers.{i}.feed_forward.experts.w2",  # (E, D, F) <-> (E, F, D)
 }
 _GGUF_TRANSPOSED = ("router_DE", "experts.w1", "experts.w3", "experts.w2")
-_FROM_GGUF, _TO_GGUF = _compile(GGUF_TENSOR_NAMES), _compile({v: k for k, v in GGUF_TENSOR_NAMES.items()})
+_FROM_GGUF = keymaps.compile_names(GGUF_TENSOR_NAMES)
+_TO_GGUF = keymaps.compile_names({v: k for k, v in GGUF_TENSOR_NAMES.items()})
 GGUF_IGNORED = re.compile(r"blk\.\d+\.attn_rot_embd\.weight")
 
 
 def gguf_to_herd_name(name: str) -> str | None:
-    return _rename(name, _FROM_GGUF)
+    return keymaps.rename(name, _FROM_GGUF)
 
 
 def herd_to_gguf_name(name: str) -> str | None:
-    return _rename(name, _TO_GGUF)
+    return keymaps.rename(name, _TO_GGUF)
 
 
 def gguf_to_herd_tensor(herd_name: str, t: torch.Tensor) -> torch.Tensor:
