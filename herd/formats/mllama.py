@@ -303,19 +303,9 @@ def build_mllama(config: MllamaConfig, state_dict: dict[str, torch.Tensor] | Non
         return Mllama(config).to(dtype)
     with torch.device("meta"):
         model = Mllama(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise FormatError(f"Mllama checkpoint does not match the config: missing {missing[:6]}"
-                          f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                          f"{'...' if len(unexpected) > 6 else ''}")
-    tensors = {}
-    for name, ref in expected.items():
-        t = state_dict[name]
-        if tuple(t.shape) != tuple(ref.shape):
-            raise FormatError(f"tensor {name} has shape {tuple(t.shape)}, the config expects {tuple(ref.shape)}")
-        tensors[name] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+    from herd.models.llama import checked_tensors
+
+    tensors = checked_tensors(model.state_dict(), state_dict, dtype, "Mllama checkpoint")
     model.load_state_dict(tensors, strict=True, assign=True)
     # buffers built on the meta device are recomputed on the CPU
     from herd.ops.rope import inv_frequencies

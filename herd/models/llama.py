@@ -226,17 +226,16 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor] | None 
     return model
 
 
-def load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
-    """Assign checkpoint tensors (herd names) to the model; every missing, unexpected or misshaped name is an error."""
+def checked_tensors(expected: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                    what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict's tensors for exactly the names of `expected` (name -> reference tensor), cast to dtype where
+    floating; every missing, unexpected or misshaped name is a FormatError."""
     from herd.errors import FormatError
 
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
-    if model.config.tie_embeddings:
-        expected.pop("output.weight", None)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        raise FormatError(f"checkpoint does not match the config: missing tensors {missing[:8]}"
+        raise FormatError(f"{what} does not match the config: missing tensors {missing[:8]}"
                           f"{'...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
                           f"{'...' if len(unexpected) > 8 else ''}")
     tensors = {}
@@ -244,9 +243,18 @@ def load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], dtype:
         t = state_dict[name]
         if tuple(t.shape) != tuple(ref.shape):
             raise FormatError(f"tensor {name} has shape {tuple(t.shape)}, the config expects {tuple(ref.shape)}")
-        if dtype is not None and t.dtype != dtype:
+        if dtype is not None and t.dtype != dtype and t.is_floating_point():
             t = t.to(dtype)
         tensors[name] = t
+    return tensors
+
+
+def load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    """Assign checkpoint tensors (herd names) to the model; every missing, unexpected or misshaped name is an error."""
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    if model.config.tie_embeddings:
+        expected.pop("output.weight", None)
+    tensors = checked_tensors(expected, state_dict, dtype)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     device = model.tok_embeddings.weight.device
