@@ -112,18 +112,22 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding with its own N(0, 1) init, skipped on the meta device (models built to be loaded): there normal_
+    runs through torch._refs, whose first use imports torch._dynamo (~1.4 s, ~65 MB of RSS) to fill nothing."""
+    weight = torch.empty(num, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(num, dim, _weight=weight)
+
+
 class Transformer(nn.Module):
     """forward(tokens (B, T), input_pos (B, T) | None, cache) -> logits (B, T, V)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        # nn.Embedding's own N(0, 1) init, skipped on the meta device (build_model): there normal_ runs through
-        # torch._refs, whose first use imports torch._dynamo (~1.4 s, ~65 MB of RSS) to fill nothing
-        emb = torch.empty(config.vocab_size, config.dim)
-        if not emb.is_meta:
-            nn.init.normal_(emb)
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, _weight=emb)
+        self.tok_embeddings = embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)

@@ -24,7 +24,7 @@ from torch import nn
 from herd.config import ModelConfig
 from herd.engine.kv_cache import KVCache
 from herd.errors import GenerationError
-from herd.models.llama import FeedForward, RMSNorm, TransformerBlock
+from herd.models.llama import FeedForward, RMSNorm, TransformerBlock, embedding
 from herd.models.vision import MllamaVisionConfig, MllamaVisionEncoder
 from herd.ops.rope import inv_frequencies
 
@@ -122,12 +122,14 @@ class MllamaTextModel(nn.Module):
         super().__init__()
         c = config.text
         self.config = config
-        self.tok_embeddings = nn.Embedding(c.vocab_size + config.extra_embeddings, c.dim)
+        self.tok_embeddings = embedding(c.vocab_size + config.extra_embeddings, c.dim)
         self.layers = nn.ModuleList(TransformerBlock(c, i) for i in range(c.n_layers))
         self.cross_attention_layers = nn.ModuleList(CrossAttentionBlock(c) for _ in config.xattn_before)
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
-        self.register_buffer("inv_freq", inv_frequencies(c.head_dim, c.rope_theta, c.rope_scaling), persistent=False)
+        with torch.device("cpu"):  # also when built on the meta device: meta arithmetic would import torch._dynamo
+            inv_freq = inv_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, tokens, input_pos=None, cache: MllamaCache | None = None, vision: torch.Tensor | None = None,
                 vision_mask: torch.Tensor | None = None, last_only: bool = False, cache_rows=None):
