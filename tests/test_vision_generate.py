@@ -416,3 +416,31 @@ def test_cli_generate_with_image_on_a_vision_checkpoint(request, which, tmp_path
     got = json.loads(capsys.readouterr().out)
     want = llm.generate("What is it?", images=[str(path)], max_tokens=4)
     assert got["prompt_ids"] == want.prompt_ids and got["output_ids"] == want.output_ids
+
+
+def test_openai_client_against_herd_serve_with_a_vision_checkpoint(mllama):
+    """`herd serve --model <Llama 3.2 Vision folder>` as a user starts it; the openai client sends a picture as a
+    base64 data: URL and gets generate's greedy answer; a remote URL is refused with a 400 that says why."""
+    import base64
+
+    import openai
+
+    from test_server import Server
+
+    _, llm, folder = mllama
+    data = png(64, 48, seed=21)
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    content = [{"type": "text", "text": "Describe the image."}, {"type": "image_url", "image_url": {"url": url}}]
+    want = llm.generate([{"role": "user", "content": content}], max_tokens=6, ignore_eos=True)
+    server = Server(folder)
+    try:
+        client = server.client()
+        r = client.chat.completions.create(model=server.name, messages=[{"role": "user", "content": content}],
+                                           max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        assert r.choices[0].message.content == want.text
+        assert r.usage.prompt_tokens == len(want.prompt_ids)
+        with pytest.raises(openai.BadRequestError, match="remote"):
+            client.chat.completions.create(model=server.name, max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
+    finally:
+        server.stop()
