@@ -27,7 +27,7 @@ def convert(src, out, *, to: str, quant: str | None = None, dtype=None, shards: 
     out = Path(out)
     if to == "gguf":
         from herd.formats.gguf import write_gguf
-        from herd.tokenizer import tokenizer_to_gguf_metadata
+        from herd.gguf_vocab import tokenizer_to_gguf_metadata
 
         if ckpt.tokenizer is None:
             raise ConfigError(f"{ckpt.path}: no tokenizer found; a GGUF file needs one")

@@ -14,13 +14,8 @@ from pathlib import Path
 import pytest
 
 from herd.errors import TokenizerError
-from herd.tokenizer import (
-    LLAMA3_SPECIALS,
-    _meta_pieces,
-    load_tokenizer,
-    tokenizer_from_gguf,
-    tokenizer_to_gguf_metadata,
-)
+from herd.gguf_vocab import tokenizer_from_gguf, tokenizer_to_gguf_metadata
+from herd.tokenizer import LLAMA3_SPECIALS, _meta_pieces, load_tokenizer
 
 DATA = Path(__file__).parent / "data"
 

@@ -88,7 +88,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, *, keep_
         path = _gguf_file(path)
         config, sd, metadata = load_gguf(path, dtype=dtype or torch.float32, keep_quantized=keep_quantized)
         if with_tokenizer:
-            from herd.tokenizer import tokenizer_from_gguf
+            from herd.gguf_vocab import tokenizer_from_gguf
 
             tokenizer = tokenizer_from_gguf(metadata)
         chat_template = metadata.get("tokenizer.chat_template")

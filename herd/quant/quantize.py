@@ -45,7 +45,7 @@ def quantize_checkpoint(src, out, scheme: str = "int4", progress: bool = True) -
     from herd.formats import load_checkpoint
     from herd.formats.gguf import read_gguf, write_gguf
     from herd.hub import resolve
-    from herd.tokenizer import tokenizer_to_gguf_metadata
+    from herd.gguf_vocab import tokenizer_to_gguf_metadata
 
     key = scheme.lower()
     if key not in SCHEMES:

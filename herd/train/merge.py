@@ -105,7 +105,7 @@ def merge(base, adapter, out, *, to: str = "hf", quant: str | None = None, dtype
         _copy_tokenizer(ckpt, out, "hf")
     else:
         from herd.formats.gguf import write_gguf
-        from herd.tokenizer import tokenizer_to_gguf_metadata
+        from herd.gguf_vocab import tokenizer_to_gguf_metadata
 
         write_gguf(out, llm.config, sd, tokenizer_to_gguf_metadata(llm.tokenizer), ckpt.chat_template,
                    quant=quant or "f16", name=Path(llm.source).stem + "-merged")
