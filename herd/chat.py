@@ -87,7 +87,7 @@ def run_chat(llm, system: str | None = None, sampling: dict | None = None, stdin
                     if vision_loader is None:
                         raise_no_images(llm)
                     llm = vision_loader()
-                    out.write(f"(now chatting with {getattr(llm, 'describe', lambda: llm.source)()})\n")
+                    out.write(f"(now chatting with {llm.source})\n")
                 out.write(image_command(text, pending) + "\n")
             except HerdError as e:
                 out.write(f"error: {e}\n")

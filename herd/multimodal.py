@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,22 +249,17 @@ def build_vision_lm(text_model, tokens: ImageTokens, vision: Llama4VisionConfig 
 
 def save_vision(vlm: VisionLM, spec: VisionSpec, folder: str | Path) -> Path:
     """Write the vision checkpoint folder (vision parts + markers, LoRA adapter if any, config json)."""
-    from safetensors.torch import save_file
-
+    from herd.formats.hf import save_safetensors_atomic, write_text_atomic
     from herd.train.lora import lora_modules, save_adapter
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"vision.{k}": v.detach().float().contiguous() for k, v in vlm.vision.state_dict().items()}
     tensors["marker_embeddings"] = vlm.marker_embeddings.detach().float().contiguous()
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    save_safetensors_atomic(tensors, folder / WEIGHTS_FILE)
     if lora_modules(vlm.text):
         save_adapter(vlm.text, folder, base_model=spec.base)
-    tmp = folder / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(spec.to_json(), indent=2), encoding="utf-8")
-    os.replace(tmp, folder / CONFIG_FILE)
+    write_text_atomic(folder / CONFIG_FILE, json.dumps(spec.to_json(), indent=2))
     return folder
 
 

@@ -31,7 +31,8 @@ USED_KEYS = {
 }
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; FormatError naming the file when it is missing, malformed or not an object."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -139,7 +140,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, bos_id: int | None = N
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise FormatError(f"{index}: no weight_map")
         files = sorted({folder / f for f in weight_map.values()})
@@ -192,11 +193,11 @@ def hf_to_herd_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig,
 def load_hf(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read an HF Llama folder: (config, state dict in herd names, q/k in Meta order)."""
     folder = Path(folder)
-    if _read_json(folder / "config.json").get("model_type") in ("llama4", "llama4_text"):
+    if read_json(folder / "config.json").get("model_type") in ("llama4", "llama4_text"):
         from herd.formats.llama4 import load_hf_llama4
 
         return load_hf_llama4(folder, dtype)
-    config = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+    config = config_from_hf(read_json(folder / "config.json"), str(folder / "config.json"))
     sd = hf_to_herd_state_dict(read_hf_tensors(folder), config, str(folder))
     _check_shapes(sd, config, str(folder))
     if dtype is not None:
@@ -257,7 +258,7 @@ def save_hf(folder: str | Path, config: ModelConfig, state_dict: dict[str, torch
         hf_sd[hf_name] = t.contiguous()
     dtype = next(iter(hf_sd.values())).dtype
     write_shards(folder, hf_sd, max_shard_bytes)
-    _atomic_write_text(folder / "config.json", json.dumps(config_to_hf(config, dtype, bos_id, eos_id), indent=2))
+    write_text_atomic(folder / "config.json", json.dumps(config_to_hf(config, dtype, bos_id, eos_id), indent=2))
 
 
 def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
@@ -273,25 +274,27 @@ def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes
         shards[-1][name] = tensors[name]
         size += nbytes
     if len(shards) == 1:
-        _atomic_save(shards[0], folder / "model.safetensors")
+        save_safetensors_atomic(shards[0], folder / "model.safetensors")
         return
     weight_map = {}
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_save(shard, folder / fname)
+        save_safetensors_atomic(shard, folder / fname)
         weight_map.update({n: fname for n in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _atomic_write_text(folder / "model.safetensors.index.json",
+    write_text_atomic(folder / "model.safetensors.index.json",
                        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def _atomic_save(tensors: dict, path: Path) -> None:
+def save_safetensors_atomic(tensors: dict, path: Path) -> None:
+    """Write a safetensors file beside its final name, then move it into place: never a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write UTF-8 text beside its final name, then move it into place."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

@@ -326,10 +326,10 @@ def herd_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, to
 
 def load_hf_llama4(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read an HF Llama 4 folder (Llama4ForCausalLM, or the text part of Llama4ForConditionalGeneration)."""
-    from herd.formats.hf import _read_json, read_hf_tensors
+    from herd.formats.hf import read_hf_tensors, read_json
 
     folder = Path(folder)
-    config = config_from_hf_llama4(_read_json(folder / "config.json"), str(folder / "config.json"))
+    config = config_from_hf_llama4(read_json(folder / "config.json"), str(folder / "config.json"))
     sd = hf_to_herd(read_hf_tensors(folder), config, str(folder))
     check_state_dict(sd, config, str(folder))
     if dtype is not None:
@@ -340,7 +340,7 @@ def load_hf_llama4(folder: str | Path, dtype: torch.dtype | None = None) -> tupl
 def save_hf_llama4(folder: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
                    max_shard_bytes: int = 5 * 2**30, bos_id=None, eos_id=None) -> None:
     """Write config.json + model.safetensors (sharded with an index past max_shard_bytes) for Llama4ForCausalLM."""
-    from herd.formats.hf import _atomic_write_text, write_shards
+    from herd.formats.hf import write_shards, write_text_atomic
 
     folder = Path(folder)
     check_state_dict({k: v for k, v in state_dict.items() if not (k == "output.weight" and config.tie_embeddings)},
@@ -349,7 +349,7 @@ def save_hf_llama4(folder: str | Path, config: ModelConfig, state_dict: dict[str
     folder.mkdir(parents=True, exist_ok=True)
     write_shards(folder, hf_sd, max_shard_bytes)
     dtype = next(iter(hf_sd.values())).dtype
-    _atomic_write_text(folder / "config.json", json.dumps(config_to_hf_llama4(config, dtype, bos_id, eos_id),
+    write_text_atomic(folder / "config.json", json.dumps(config_to_hf_llama4(config, dtype, bos_id, eos_id),
                                                           indent=2))
 
 

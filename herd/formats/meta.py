@@ -15,7 +15,7 @@ import torch
 from herd.config import ModelConfig, RopeScaling, ffn_hidden_dim
 from herd.errors import ConfigError, FormatError
 from herd.formats import keymaps
-from herd.formats.hf import _check_shapes
+from herd.formats.hf import _check_shapes, read_json, write_text_atomic
 
 PARAMS_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "max_batch_size",
@@ -118,15 +118,7 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
 def read_params(folder: Path) -> tuple[dict, Path]:
     """(params.json as a dict, its path); FormatError for a missing or malformed file."""
     path = folder / "params.json"
-    try:
-        params = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FormatError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise FormatError(f"{path}: expected a JSON object")
-    return params, path
+    return read_json(path), path
 
 
 def read_shards(folder: Path) -> list[dict[str, torch.Tensor]]:
@@ -149,7 +141,7 @@ def write_shards(folder: Path, shards: list[dict[str, torch.Tensor]], params: di
         tmp = folder / f"consolidated.{k:02d}.pth.tmp"
         torch.save(s, tmp)
         os.replace(tmp, folder / f"consolidated.{k:02d}.pth")
-    (folder / "params.json").write_text(json.dumps(params, indent=2), encoding="utf-8")
+    write_text_atomic(folder / "params.json", json.dumps(params, indent=2))
 
 
 def load_meta(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

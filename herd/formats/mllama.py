@@ -9,7 +9,6 @@ grids [max_tiles, max_tiles, ...] that are expanded here into herd's per-aspect-
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from herd.config import ModelConfig, RopeScaling, ffn_hidden_dim
 from herd.errors import ConfigError, FormatError
 from herd.formats import keymaps
-from herd.formats.hf import _read_json, _rope_scaling, read_hf_tensors
+from herd.formats.hf import _rope_scaling, read_hf_tensors, read_json
 from herd.formats.meta import PARAMS_KEYS
 from herd.models.mllama import IMAGE_TOKEN_ID, Mllama, MllamaConfig, fusion_schedule
 from herd.models.vision import MllamaVisionConfig
@@ -192,7 +191,7 @@ def hf_to_herd_state_dict(tensors: dict[str, torch.Tensor], config: MllamaConfig
 def load_mllama_hf(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[MllamaConfig, dict]:
     """Read an HF Mllama folder: (config, state dict in herd names)."""
     folder = Path(folder)
-    config = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+    config = config_from_hf(read_json(folder / "config.json"), str(folder / "config.json"))
     sd = hf_to_herd_state_dict(read_hf_tensors(folder), config, str(folder))
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
@@ -270,23 +269,16 @@ def meta_to_herd_state_dict(sd: dict[str, torch.Tensor], config: MllamaConfig, w
 
 def load_mllama_meta(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[MllamaConfig, dict]:
     """Read a single-shard Meta Llama 3.2 Vision folder (params.json + consolidated.00.pth)."""
+    from herd.formats.meta import load_shard, read_params
+
     folder = Path(folder)
-    try:
-        params = json.loads((folder / "params.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FormatError(f"{folder}: no params.json") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{folder / 'params.json'}: not valid JSON ({e})") from None
-    config = config_from_meta(params, str(folder / "params.json"))
+    params, params_path = read_params(folder)
+    config = config_from_meta(params, str(params_path))
     shards = sorted(folder.glob("consolidated.*.pth"))
     if len(shards) != 1:
         raise FormatError(f"{folder}: expected one consolidated.*.pth shard, found {len(shards)} "
                           "(model-parallel Mllama shards are not supported)")
-    try:
-        raw = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch raises many kinds for a corrupt pickle/zip
-        raise FormatError(f"{shards[0]}: not a readable PyTorch checkpoint ({e})") from None
-    sd = meta_to_herd_state_dict(raw, config, str(folder))
+    sd = meta_to_herd_state_dict(load_shard(shards[0]), config, str(folder))
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     return config, sd
@@ -422,7 +414,7 @@ def load_llama4_multimodal_hf(folder: str | Path, dtype: torch.dtype = torch.flo
     from herd.models.vision import Llama4Multimodal, Llama4VisionModel
 
     folder = Path(folder)
-    vcfg, patch_id = llama4_vision_config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+    vcfg, patch_id = llama4_vision_config_from_hf(read_json(folder / "config.json"), str(folder / "config.json"))
     text_config, text_sd = load_hf_llama4(folder)
     text = build_model(text_config, text_sd, dtype)
     vsd = llama4_vision_state_dict(read_hf_tensors(folder), str(folder))

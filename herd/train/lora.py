@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from herd.errors import ConfigError, FormatError
 from herd.formats import keymaps
+from herd.formats.hf import save_safetensors_atomic, write_text_atomic
 
 # herd short name -> (module path inside a TransformerBlock, HF module name)
 TARGETS: dict[str, tuple[str, str]] = {
@@ -196,12 +195,8 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str = "", dty
     tensors = adapter_to_peft(model)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    tmp = folder / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / ADAPTER_WEIGHTS)
-    tmp = folder / (ADAPTER_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-    os.replace(tmp, folder / ADAPTER_CONFIG)
+    save_safetensors_atomic(tensors, folder / ADAPTER_WEIGHTS)
+    write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(cfg, indent=2))
     return folder
 
 
