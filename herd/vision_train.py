@@ -290,11 +290,7 @@ def pretrain_vision(vlm, anchors: WordAnchors, cfg: "VisionTrainConfig") -> dict
         exs = make_split(cfg.seed * 2 + 1, cfg.pretrain_batch, start=step * cfg.pretrain_batch, kinds=PICTURE_KINDS)
         feats = vlm.image_features(pixel_batch(exs, size)).view(len(exs), -1, vlm.text.config.dim)
         loss, _ = anchors.loss(feats, label_batch(exs))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss, params)
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
@@ -500,6 +496,15 @@ class VisionTrainConfig:
         return self
 
 
+def _step(opt, sched, loss: torch.Tensor, params) -> None:
+    """One optimizer step of either training stage: backward, gradients clipped to norm 1, step, schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def warmup_cosine(total: int, warmup: int, floor: float = 0.1):
     """LR multiplier: linear warm-up, then cosine down to `floor`."""
     def f(step: int) -> float:
@@ -582,11 +587,7 @@ def align(vlm, builder: PromptBuilder, anchors: WordAnchors, cfg: VisionTrainCon
         if cfg.anchor_weight:
             aux, _ = anchors.loss(feats.view(len(exs), -1, feats.shape[-1]), label_batch(exs))
             loss = loss + cfg.anchor_weight * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss, params)
         losses.append(lm_loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
