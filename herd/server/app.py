@@ -315,17 +315,16 @@ class _Choices:
             yield choice, ev
 
 
-class _ImageChoices:
+class _ImageChoices(_Choices):
     """The choices of one request with images: a BatchRun of the vision model, stepped in a worker thread that
-    takes the engine's model lock for each step (the text weights are shared with the engine); same events() and
-    cancel() as _Choices."""
+    takes the engine's model lock for each step (the text weights are shared with the engine); its events arrive
+    on _Choices' queue, one id per choice."""
 
     def __init__(self, state: ServerState, run, n: int):
         import threading
 
-        self.state, self.loop, self.run, self.n = state, asyncio.get_running_loop(), run, n
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.arrival = time.monotonic()
+        super().__init__(state)
+        self.run, self.ids = run, list(range(n))
         self.cancelled = threading.Event()
         threading.Thread(target=self._work, name="herd-images", daemon=True).start()
 
@@ -347,17 +346,11 @@ class _ImageChoices:
         except BaseException as e:  # reported to the request, never lost in the thread
             self._put((0, e))
             return
-        for i in range(self.n):
+        for i in self.ids:
             self._put((i, None))
 
     def cancel(self) -> None:
         self.cancelled.set()
-
-    events = _Choices.events
-
-    @property
-    def ids(self) -> range:  # one per choice, for events()
-        return range(self.n)
 
 
 async def _until_disconnect(request: Request) -> None:
