@@ -199,11 +199,7 @@ def cmd_eval_ppl(args):
     from herd.evaluate import perplexity, read_text
 
     _set_threads(args)
-    llm = load(args.model, args.dtype, keep_quantized=args.quantized)
-    if args.adapter:
-        from herd.train.lora import apply_adapter
-
-        apply_adapter(llm.model, args.adapter)
+    llm = _load_llm(args)
     ref = load(args.kl_vs, "float32") if args.kl_vs else None
     result = perplexity(llm, read_text(args.file), ctx=args.ctx, max_chunks=args.max_chunks, ref=ref,
                         progress=not args.json)
