@@ -28,7 +28,6 @@ another (PromptRuns).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -284,7 +283,9 @@ class VisionLLM(LLM):
 
 def _hf_dtype(folder: Path) -> torch.dtype:
     """The dtype an HF config.json says its weights are in (float32 when it says nothing usable)."""
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    from herd.formats.hf import read_json
+
+    cfg = read_json(folder / "config.json")
     for d in (cfg, cfg.get("text_config") or {}):
         name = d.get("torch_dtype") or d.get("dtype")
         if name in ("float32", "bfloat16", "float16"):
