@@ -2,7 +2,7 @@
 
 import sys
 
-from herd.bench import main
+from herd.eval.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from herd.quant import linear as L
+from herd.quant import model as QM
 from herd.quant import native
 from herd.quant.blocks import GGML_TYPES, quantize
 
@@ -211,7 +212,7 @@ def measure_kl(model_path, threads):
         for name, (raw, tid, n) in blocks.items():
             in_f = q.get_submodule(name[:-7]).in_features
             tensors[name] = (raw, tid, (n, in_f))
-        L.load_quantized_linears(q, tensors, act=act, threads=threads)
+        QM.load_quantized_linears(q, tensors, act=act, threads=threads)
         with torch.inference_mode():
             lp = torch.log_softmax(q(ids).logits[0].float(), -1)
         out[f"herd-{act}"] = (ref.exp() * (ref - lp)).sum(-1).mean().item()

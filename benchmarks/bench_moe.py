@@ -36,10 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from herd.config import ModelConfig, MoEConfig  # noqa: E402
-from herd.engine.kv_cache import KVCache  # noqa: E402
+from herd.models.kv_cache import KVCache  # noqa: E402
 from herd.models.llama import Transformer  # noqa: E402
 from herd.quant.blocks import GGML_TYPES  # noqa: E402
-from herd.quant.linear import quantize_model  # noqa: E402
+from herd.quant.model import quantize_model  # noqa: E402
 
 PROMPT = 16
 DECODE_SHORT, DECODE_LONG = 16, 80

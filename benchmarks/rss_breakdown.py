@@ -1,6 +1,6 @@
 """Where herd's memory goes when it runs a GGUF model: VmRSS (now) and VmHWM (peak) after each stage.
 
-The stages follow `herd bench`'s herd child (herd.bench.run_herd): herd.load(path, keep_quantized=True) split into
+The stages follow `herd bench`'s herd child (herd.eval.bench.run_herd): herd.load(path, keep_quantized=True) split into
 its steps, one forward, prefills of 128 and 512 tokens, decode at batch 1 and at batch 8 (BatchRun). "stage peak"
 is the high-water mark within the stage alone (VmHWM is reset through /proc/self/clear_refs between stages; the
 VmHWM column keeps the running maximum, as ru_maxrss does). RssFile is the file-backed part of VmRSS (pages of the
@@ -61,7 +61,7 @@ def _model_path(model: str | None):
 
 def _prompt_ids(path) -> list[int]:
     """The prompt ids `herd bench` uses, computed in a child so that this process's memory stays the engine's."""
-    code = ("import json, sys; from herd.api import load_tokenizer_only; from herd.evaluate import sample_text; "
+    code = ("import json, sys; from herd.api import load_tokenizer_only; from herd.eval.ppl import sample_text; "
             "print(json.dumps(load_tokenizer_only(sys.argv[1]).encode(sample_text()[:20000])[:600]))")
     out = subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     from herd.engine.generate import BatchRun
     from herd.formats.gguf import load_gguf, read_gguf
     from herd.ops.sampling import SamplingParams
-    from herd.quant.linear import build_quantized_model
+    from herd.quant.model import build_quantized_model
     from herd.gguf_vocab import tokenizer_from_gguf
 
     t = stage("import herd", t)

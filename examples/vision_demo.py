@@ -1,7 +1,7 @@
 """`make vision-demo`: teach the default model (SmolLM2-135M-Instruct) to see, then ask it about pictures.
 
 1. `herd train-vision`'s schedule: a small Llama 4-layout vision encoder pre-trained on generated pictures, then
-   aligned through the frozen text model with LoRA (herd/vision_train.py); about 10 minutes on 2 quiet cores.
+   aligned through the frozen text model with LoRA (herd/train/vision.py); about 10 minutes on 2 quiet cores.
 2. Held-out accuracy per question kind (colour, shape, position, count), exact answers, unseen pictures.
 3. The saved model reloaded the way `herd chat --image` loads it, and asked about PNG files written to disk, by
    real generation (KV cache, greedy): the answers, and how often they are exactly right.
@@ -31,8 +31,8 @@ def main(argv=None) -> int:
     import torch
 
     from herd.multimodal import ImageChat, default_vision_dir
-    from herd.vision_cli import report_lines
-    from herd.vision_train import VisionTrainConfig, eval_split, normalize_answer, train_vision
+    from herd.train.cli import report_lines
+    from herd.train.vision import VisionTrainConfig, eval_split, normalize_answer, train_vision
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -118,7 +118,7 @@ def load(path: str | Path | None = None, dtype=None, *, chat_template: str | Non
     # a GGUF file's own rope_freqs divisors that no llama3 setting explains (SPEC.md §4)
     rope_divisors = ckpt.state_dict.pop("rope.freqs", None)
     if keep_quantized:
-        from herd.quant.linear import build_quantized_model
+        from herd.quant.model import build_quantized_model
 
         model = build_quantized_model(ckpt.config, ckpt.state_dict)
     else:

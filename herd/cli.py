@@ -196,7 +196,7 @@ def cmd_list(args):
 
 def cmd_eval_ppl(args):
     from herd.api import load
-    from herd.evaluate import perplexity, read_text
+    from herd.eval.ppl import perplexity, read_text
 
     _set_threads(args)
     llm = _load_llm(args)
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)
 
-    for extra in ("herd.server.cli", "herd.bench", "herd.train.cli", "herd.quant.cli", "herd.vision_cli"):
+    for extra in ("herd.server.cli", "herd.eval.bench", "herd.train.cli", "herd.quant.cli"):
         try:
             mod = __import__(extra, fromlist=["register"])
         except ModuleNotFoundError as e:

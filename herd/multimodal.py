@@ -1,6 +1,6 @@
 """Images in a chat: a small Llama 4-layout vision model fused early into a text Llama, and the glue for --image.
 
-A vision checkpoint is a folder (written by `herd train-vision`, herd/vision_train.py):
+A vision checkpoint is a folder (written by `herd train-vision`, herd/train/vision.py):
     vision_config.json          the encoder's Llama4VisionConfig, the base text model it was trained on (dims and an
                                 embedding probe that must match), the image token ids, training summary and accuracy
     vision.safetensors          vision.* (Meta names: vision.vision_embeddings..., vision.vision_projection.weight)
@@ -482,6 +482,9 @@ class lora_switched:
 class ImageBoundModel(nn.Module):
     """What BatchRun drives for prompts with images: the text model whose prefill of each listed prompt gets that
     prompt's image features (prompts are prefilled one at a time, in order); decode steps pass straight through."""
+
+    whole_prompts = True  # each prefill is matched to its bound images by its whole ids: no slices
+    decode_step = None  # the text model's LoRA switch wraps every step: always the PyTorch path
 
     def __init__(self, vlm: VisionLM, bound: Sequence[tuple[Sequence[int], torch.Tensor | None]]):
         super().__init__()

@@ -57,6 +57,9 @@ class VisionStep(nn.Module):
     Transformer. Built with `images` (one prompt's preprocessed images), its first call -- the prompt's prefill --
     reads them; every later call decodes text. Without images it is the text model (any batch)."""
 
+    whole_prompts = True  # the first call is the prompt's whole prefill, which consumes the images
+    decode_step = None  # cross-attention (Mllama) and fused embeddings are not what the native step runs
+
     def __init__(self, mm: nn.Module, images=None):
         super().__init__()
         self.mm = mm

@@ -145,7 +145,7 @@ def test_meta_reference_transformer_agrees(meta_reference, tmp_path, case):
         got = model(tokens)
         # incremental decoding: Meta's cache vs herd's
         want_next = ref(tokens[:, :1] * 0 + 7, 24).float()
-        from herd.engine.kv_cache import KVCache
+        from herd.models.kv_cache import KVCache
 
         cache = KVCache(config2, 2, 64)
         model(tokens, torch.arange(24), cache)

@@ -66,7 +66,7 @@ def test_greedy_chat_equals_transformers(herd_llm, hf):
 
 
 def test_next_token_kl_at_every_position(herd_llm, hf):
-    from herd.evaluate import sample_text
+    from herd.eval.ppl import sample_text
 
     _, model = hf
     ids = herd_llm.tokenizer.encode(sample_text())[:200]

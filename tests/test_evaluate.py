@@ -8,7 +8,7 @@ import torch
 
 import herd
 from herd.cli import main as cli
-from herd.evaluate import perplexity, sample_text
+from herd.eval.ppl import perplexity, sample_text
 from test_train import _tiny_folder
 
 TEXT = sample_text()[:4000]

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from herd.config import ModelConfig
-from herd.engine.generate import generate_batch
-from herd.engine.kv_cache import KVCache
+from herd.engine.generate import decode as decode_step, generate_batch
+from herd.models.kv_cache import KVCache
 from herd.errors import ConfigError
 from herd.models.llama import build_model
 from herd.ops.sampling import SamplingParams
 from herd.quant import decode, native
-from herd.quant.linear import quantize_model
+from herd.quant.model import quantize_model
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels not built")  # built by pip install
 
@@ -36,7 +36,7 @@ def tiny_quantized(scheme="q4_1", act=None, seed=0, config=CFG):
 
 def run_steps(model, native_on, prompts, steps, rows=None, max_len=32):
     """Prefill each prompt into its cache row, then decode `steps` tokens greedily; logits (steps, B, V) and cache."""
-    model.native_decode = native_on
+    model.decode_step.enabled = native_on
     B = len(prompts)
     cache = KVCache(model.config, batch=B + 1, max_len=max_len)
     rows = torch.arange(B) if rows is None else rows
@@ -48,7 +48,7 @@ def run_steps(model, native_on, prompts, steps, rows=None, max_len=32):
             last.append(int(logits[0, -1].argmax()))
         pos = torch.tensor([[len(p)] for p in prompts])
         for _ in range(steps):
-            logits = model(torch.tensor(last)[:, None], pos, cache, cache_rows=rows)[:, -1]
+            logits = decode_step(model, torch.tensor(last)[:, None], pos, cache, rows)[:, -1]
             out.append(logits)
             last = logits.argmax(-1).tolist()
             pos = pos + 1
@@ -99,9 +99,9 @@ def test_greedy_generation_is_unchanged():
     model = tiny_quantized(seed=3)
     prompts = [[5, 6, 7], [100, 101, 102, 103, 104], [42]]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
-    model.native_decode = False
+    model.decode_step.enabled = False
     ref = [c.output_ids for c in generate_batch(model, prompts, params)]
-    model.native_decode = True
+    model.decode_step.enabled = True
     assert [c.output_ids for c in generate_batch(model, prompts, params)] == ref
     assert [generate_batch(model, [p], params)[0].output_ids for p in prompts] == ref  # batch of one too
 
@@ -112,9 +112,9 @@ def test_steps_aside_where_it_does_not_apply():
     assert decode.plan_for(model, cache) is not None
     assert decode.plan_for(build_model(CFG), cache) is None  # float linear layers
     assert decode.plan_for(model, KVCache(CFG, batch=1, max_len=16, dtype=torch.bfloat16)) is None
-    model.native_decode = False
+    model.decode_step.enabled = False
     assert decode.plan_for(model, cache) is None
-    model.native_decode = True
+    model.decode_step.enabled = True
     # one linear layer swapped for a float one: the plan is dropped and the model runs the PyTorch path
     lin = model.layers[1].feed_forward.w2
     model.layers[1].feed_forward.w2 = nn.Linear(lin.in_features, lin.out_features, bias=False)
@@ -126,13 +126,13 @@ def test_plan_follows_weight_changes():
     other = tiny_quantized(seed=2)
     prompts = [[3, 4, 5]]
     run_steps(model, True, prompts, 2)
-    plan = model._decode_plan
+    plan = model.decode_step.plan
     # new blocks in a layer, and new data for a norm weight (as .to() does): both must be seen
     model.layers[0].attention.wq = other.layers[0].attention.wq
     model.layers[1].ffn_norm.weight.data = other.layers[1].ffn_norm.weight.data.clone()
     ref, _ = run_steps(model, False, prompts, 4)
     got, _ = run_steps(model, True, prompts, 4)
-    assert model._decode_plan is not plan
+    assert model.decode_step.plan is not plan
     assert_close_to_scale(got, ref, 1e-3)
     model.layers[0].attention.wq.act = "int8"  # a new activation mode rebuilds the plan too
     ref, _ = run_steps(model, False, prompts, 3)
@@ -144,9 +144,9 @@ def test_position_outside_the_cache_is_a_typed_error():
     model = tiny_quantized()
     cache = KVCache(CFG, batch=2, max_len=8)
     with torch.inference_mode(), pytest.raises(ConfigError, match="outside the cache"):
-        model(torch.tensor([[1], [2]]), torch.tensor([[3], [8]]), cache)
+        decode_step(model, torch.tensor([[1], [2]]), torch.tensor([[3], [8]]), cache)
     with torch.inference_mode(), pytest.raises(ConfigError, match="outside the cache"):
-        model(torch.tensor([[1]]), torch.tensor([[3]]), cache, cache_rows=torch.tensor([2]))
+        decode_step(model, torch.tensor([[1]]), torch.tensor([[3]]), cache, torch.tensor([2]))
 
 
 @pytest.mark.slow
@@ -157,5 +157,5 @@ def test_default_model_greedy_tokens(smollm_gguf):
     assert decode.plan_for(llm.model, KVCache(llm.model.config, 1, 8)) is not None
     prompt = "Name three colours."
     got = llm.generate(prompt, max_tokens=24).output_ids
-    llm.model.native_decode = False
+    llm.model.decode_step.enabled = False
     assert llm.generate(prompt, max_tokens=24).output_ids == got

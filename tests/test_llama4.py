@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from herd.config import PRESETS, ModelConfig, MoEConfig, RopeScaling
-from herd.engine.kv_cache import KVCache
+from herd.models.kv_cache import KVCache
 from herd.errors import ConfigError, FormatError
 from herd.formats.hf import load_hf, save_hf
 from herd.formats.llama4 import load_gguf_llama4, write_gguf_llama4

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from herd.engine.kv_cache import KVCache
+from herd.models.kv_cache import KVCache
 from herd.errors import ConfigError, GenerationError
 from herd.formats.mllama import llama4_vision_config_from_hf, load_llama4_multimodal_hf
 from herd.images import llama4_preprocess

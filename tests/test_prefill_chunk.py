@@ -1,11 +1,11 @@
-"""A long prompt prefilled into a KV cache in slices (Transformer.prefill_chunk) gives transformers' logits, the
+"""A long prompt prefilled into a KV cache in slices (herd.engine.generate.prefill) gives transformers' logits, the
 same cache as one pass, and the same greedy tokens."""
 
 import pytest
 import torch
 
-from herd.engine.generate import generate_batch
-from herd.engine.kv_cache import KVCache
+from herd.engine.generate import generate_batch, prefill as prefill_into
+from herd.models.kv_cache import KVCache
 from herd.formats.hf import load_hf
 from herd.models.llama import build_model
 from herd.ops.sampling import SamplingParams
@@ -23,20 +23,16 @@ def pair(request, tmp_path_factory):
 
 
 def prefill(model, chunk):
-    model.prefill_chunk = chunk
     cache = KVCache(model.config, batch=1, max_len=64)
     with torch.inference_mode():
-        logits = model(torch.tensor([PROMPT]), torch.arange(len(PROMPT)), cache, last_only=True)
+        logits = prefill_into(model, torch.tensor([PROMPT]), torch.arange(len(PROMPT)), cache, chunk=chunk)
     return logits[0, -1], cache
 
 
 def test_sliced_prefill_matches_one_pass_and_transformers(pair):
     ref, model = pair
-    try:
-        whole, cache_whole = prefill(model, 0)
-        sliced, cache_sliced = prefill(model, 16)
-    finally:
-        model.prefill_chunk = 128
+    whole, cache_whole = prefill(model, 0)
+    sliced, cache_sliced = prefill(model, 16)
     with torch.no_grad():
         want = ref(torch.tensor([PROMPT])).logits[0, -1]
     torch.testing.assert_close(sliced, want, rtol=1e-4, atol=1e-4)
@@ -47,11 +43,7 @@ def test_sliced_prefill_matches_one_pass_and_transformers(pair):
 
 def test_sliced_prefill_greedy_equals_transformers_generate(pair):
     ref, model = pair
-    model.prefill_chunk = 8
-    try:
-        got = generate_batch(model, [PROMPT], SamplingParams(max_tokens=12))[0].output_ids
-    finally:
-        model.prefill_chunk = 128
+    got = generate_batch(model, [PROMPT], SamplingParams(max_tokens=12), prefill_chunk=8)[0].output_ids
     with torch.no_grad():
         want = ref.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                             pad_token_id=0, attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long))

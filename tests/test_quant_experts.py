@@ -16,7 +16,8 @@ from herd.models.llama import Transformer
 from herd.models.moe import Experts
 from herd.quant import native
 from herd.quant.experts import QuantExperts
-from herd.quant.linear import QuantLinear, quantize_model
+from herd.quant.linear import QuantLinear
+from herd.quant.model import quantize_model
 
 SCHEMES = ["q8_0", "q4_0", "q4_1", "q4_k"]
 # f32 activations: the kernels dequantize blocks in registers, so only float summation order differs

@@ -21,6 +21,7 @@ from torch import nn
 from herd.errors import ConfigError, FormatError
 from herd.quant import native
 from herd.quant import linear as L
+from herd.quant import model as QM
 from herd.quant.blocks import GGML_TYPES
 from herd.quant.linear import QuantLinear
 
@@ -296,7 +297,8 @@ def test_quantized_default_model_matches_the_float_one(smollm_gguf):
     float activations agree to float rounding, int16 to ~1e-3 of the logit range, same greedy tokens."""
     from herd.formats import load_checkpoint
     from herd.models.llama import build_model
-    from herd.quant.linear import QuantEmbedding, build_quantized_model
+    from herd.quant.linear import QuantEmbedding
+    from herd.quant.model import build_quantized_model
 
     ckq = load_checkpoint(smollm_gguf, keep_quantized=True, with_tokenizer=False)
     qmodel = build_quantized_model(ckq.config, ckq.state_dict)
@@ -375,14 +377,14 @@ def test_quantize_model_swaps_modules_and_keeps_the_function():
     model = Tiny()
     x = torch.randn(4, 64)
     ref = model(x)
-    swapped = L.quantize_model(model, "q8_0", exclude=r"^head$", act="f32")
+    swapped = QM.quantize_model(model, "q8_0", exclude=r"^head$", act="f32")
     assert swapped == ["attention.wq", "attention.wo", "w1"]
     assert isinstance(model.attention["wq"], QuantLinear) and type(model.head) is nn.Linear
     assert model.w1.bias is not None
     assert rel_err(model(x), ref.double()) < 0.02  # Q8_0 weights
-    assert L.quantize_model(Tiny(), "q4_k") == []  # no in_features multiple of 256
+    assert QM.quantize_model(Tiny(), "q4_k") == []  # no in_features multiple of 256
     with pytest.raises(ConfigError, match="unknown quantization scheme"):
-        L.quantize_model(Tiny(), "q3_z")
+        QM.quantize_model(Tiny(), "q3_z")
 
 
 def test_load_quantized_linears_from_gguf_style_dict():
@@ -390,13 +392,13 @@ def test_load_quantized_linears_from_gguf_style_dict():
     raw = random_blocks("Q4_1", 64, 64)
     tensors = {"attention.wq.weight": (raw, "Q4_1", (64, 64)),
                "attention.wo.weight": (np.zeros((64, 64), np.float32).view(np.uint8), 0, (64, 64))}  # F32: skipped
-    assert L.load_quantized_linears(model, tensors) == ["attention.wq"]
+    assert QM.load_quantized_linears(model, tensors) == ["attention.wq"]
     assert torch.equal(model.attention["wq"].dequantize(), reference_weight(raw, "Q4_1", 64, 64))
     with pytest.raises(FormatError, match="attention.wz"):
-        L.load_quantized_linears(model, {"attention.wz.weight": (raw, "Q4_1", (64, 64))})
+        QM.load_quantized_linears(model, {"attention.wz.weight": (raw, "Q4_1", (64, 64))})
     with pytest.raises(FormatError, match=re.escape("(32, 128)")):
-        L.load_quantized_linears(Tiny(), {"attention.wo.weight": (raw, "Q4_1", (32, 128))})
-    assert L.load_quantized_linears(model, {"nope.weight": (raw, "Q4_1", (64, 64))}, strict=False) == []
+        QM.load_quantized_linears(Tiny(), {"attention.wo.weight": (raw, "Q4_1", (32, 128))})
+    assert QM.load_quantized_linears(model, {"nope.weight": (raw, "Q4_1", (64, 64))}, strict=False) == []
 
 
 def test_bad_inputs_raise_typed_errors():

@@ -11,7 +11,7 @@ import torch
 
 from herd.config import ModelConfig
 from herd.engine.generate import generate_batch
-from herd.engine.kv_cache import KVCache
+from herd.models.kv_cache import KVCache
 from herd.engine.scheduler import Engine, PagedKVCache, PagePool, QueueFull, attention_granule, row_granule
 from herd.errors import GenerationError
 from herd.models.llama import build_model

@@ -20,7 +20,7 @@ from herd.models.vision import Llama4VisionConfig
 from herd.train.lora import lora_modules
 from herd.multimodal import (ImageChat, build_vision_lm, choose_image_tokens, encode_with_images, has_images,
                              image_command, read_spec, save_vision, split_images, user_message)
-from herd.vision_train import (CANVAS, COLOURS, HELD_OUT, KINDS, POSITIONS, SHAPES, TEMPLATES, PromptBuilder,
+from herd.train.vision import (CANVAS, COLOURS, HELD_OUT, KINDS, POSITIONS, SHAPES, TEMPLATES, PromptBuilder,
                                VisionTrainConfig, _HiddenOnly, answer_logits, eval_split, hidden_states, make_example,
                                fit_vision, make_split, shape_points, train_vision)
 
@@ -376,7 +376,7 @@ def test_demo_schedule_reaches_the_targets(tmp_path):
 
 def test_cli_registers_train_vision_and_image_options_and_reports(trained):
     from herd.cli import build_parser
-    from herd.vision_cli import report_lines
+    from herd.train.cli import report_lines
 
     parser = build_parser()
     a = parser.parse_args(["train-vision", "--steps", "5", "--out", "somewhere", "--threads", "2"])

@@ -1,8 +1,13 @@
 """Prefill + decode over a preallocated KV cache, for a batch of prompts of different lengths.
 
-Each sequence is prefilled alone into its own cache row (no padding, true positions), then all live rows decode
-together, one token per step, each at its own position. A finished row leaves the batch at once. Text is streamed
-as complete UTF-8 characters only, with stop strings held back until they can no longer match.
+Each sequence is prefilled alone into its own cache row (no padding, true positions), long prompts in slices, then
+all live rows decode together, one token per step, each at its own position. A finished row leaves the batch at
+once. Text is streamed as complete UTF-8 characters only, with stop strings held back until they can no longer match.
+
+Floor: the engine drives models (floor 3) and imports nothing from quant/, formats/ or above. A model may carry a
+`decode_step` (the native C step that quant/ attaches from outside); `decode()` calls it and falls back to the
+model's own forward when it answers None, so every engine -- BatchRun here, the scheduler's Engine -- takes the
+fastest path the model offers without knowing what it is.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from herd.engine.kv_cache import KVCache
+from herd.models.kv_cache import KVCache
 from herd.errors import GenerationError
 from herd.ops.sampling import SamplingParams, pick_token, token_logprobs
 
@@ -111,6 +116,37 @@ class _Seq:
         return Completion(self.prompt, list(self.out), self.text, self.finish, self.logprobs)
 
 
+PREFILL_CHUNK = 128  # tokens per prefill slice: the feed-forward's (T, ffn_dim) float32 tensors set the peak memory
+
+
+def prefill(model, tokens: torch.Tensor, input_pos: torch.Tensor, cache, cache_rows: torch.Tensor | None = None,
+            chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """tokens (1, T) at input_pos (T,) or (1, T) into the cache; logits (1, 1, V) of the last position. A prompt
+    longer than `chunk` goes in slices: the earlier ones only fill the cache, so no more than `chunk` tokens'
+    activations are live at once; later slices attend to the cached keys, so the logits equal one pass's up to float
+    rounding. A ring cache (Llama 4 chunked layers) or chunk 0 takes one pass."""
+    T = tokens.shape[1]
+    input_pos = input_pos.reshape(1, T)
+    if getattr(cache, "window", 0) or not 0 < chunk < T:
+        return model(tokens, input_pos, cache, last_only=True, cache_rows=cache_rows)
+    last = (T - 1) // chunk * chunk
+    for a in range(0, last, chunk):
+        model(tokens[:, a:a + chunk], input_pos[:, a:a + chunk], cache, last_only=True, cache_rows=cache_rows)
+    return model(tokens[:, last:], input_pos[:, last:], cache, last_only=True, cache_rows=cache_rows)
+
+
+def decode(model, tokens: torch.Tensor, input_pos: torch.Tensor, cache,
+           cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step: tokens (B, 1) at input_pos (B, 1) -> logits (B, 1, V); through the model's decode_step when
+    it carries one that takes this cache, else its forward."""
+    step = getattr(model, "decode_step", None)
+    if step is not None:
+        logits = step(model, tokens, input_pos, cache, cache_rows)
+        if logits is not None:
+            return logits
+    return model(tokens, input_pos, cache, cache_rows=cache_rows)
+
+
 def activation_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
     """The dtype and device of the model's activations: those of its first floating-point parameter or buffer
     (quantized models keep int8 blocks in some modules, so no single named weight can be relied on)."""
@@ -124,12 +160,14 @@ class BatchRun:
     """Generation for a batch of prompts: validated on construction, iterate for Deltas, then completions()."""
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 tokenizer=None, stop_ids: frozenset[int] = frozenset()):
+                 tokenizer=None, stop_ids: frozenset[int] = frozenset(), prefill_chunk: int = PREFILL_CHUNK):
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise GenerationError(f"{len(prompts)} prompts but {len(params)} sampling settings")
         self.model = model
+        # a model bound to whole prompts (images, herd/engine/vision_step.py) takes each prefill in one pass
+        self.prefill_chunk = 0 if getattr(model, "whole_prompts", False) else prefill_chunk
         ctx = model.config.max_seq_len
         self.seqs: list[_Seq] = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -165,7 +203,7 @@ class BatchRun:
             for s in live:  # prefill each prompt alone into its own row
                 ids = torch.tensor([s.prompt], device=device)
                 pos = torch.arange(len(s.prompt), device=device)
-                logits = model(ids, pos, cache.rows(row[id(s)]), last_only=True)[0, -1]
+                logits = prefill(model, ids, pos, cache.rows(row[id(s)]), chunk=self.prefill_chunk)[0, -1]
                 yield s.add(pick_token(logits, s.p, s.generator, s.prompt), logits)
             while True:
                 live = [s for s in live if s.finish is None]
@@ -174,7 +212,7 @@ class BatchRun:
                 tokens = torch.tensor([[s.out[-1]] for s in live], device=device)
                 pos = torch.tensor([[len(s.prompt) + len(s.out) - 1] for s in live], device=device)
                 rows = None if len(live) == cache.batch else torch.tensor([row[id(s)] for s in live], device=device)
-                logits = model(tokens, pos, cache, cache_rows=rows)[:, -1]
+                logits = decode(model, tokens, pos, cache, rows)[:, -1]
                 # all rows greedy without a penalty (the common case): one argmax for the batch (the same first
                 # maximum per row as pick_token's)
                 greedy = all(s.p.temperature == 0 and s.p.repetition_penalty == 1.0 for s in live)
@@ -184,9 +222,10 @@ class BatchRun:
                     yield s.add(token, lg)
 
 
-def generate_batch(model, prompts, params, tokenizer=None, stop_ids=frozenset()) -> list[Completion]:
+def generate_batch(model, prompts, params, tokenizer=None, stop_ids=frozenset(),
+                   prefill_chunk: int = PREFILL_CHUNK) -> list[Completion]:
     """Generate for every prompt to the end; one Completion per prompt."""
-    run = BatchRun(model, prompts, params, tokenizer, stop_ids)
+    run = BatchRun(model, prompts, params, tokenizer, stop_ids, prefill_chunk)
     for _ in run:
         pass
     return run.completions()

@@ -43,7 +43,7 @@ import torch
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from herd.engine.generate import Completion, Delta, _Seq
+from herd.engine.generate import Completion, Delta, _Seq, decode
 from herd.errors import GenerationError
 from herd.ops.sampling import SamplingParams, pick_token
 
@@ -644,7 +644,7 @@ class Engine:
         t = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
         p = torch.tensor(pos, device=self.device)[:, None]
         with self.model_lock, sdpa_kernel(SDPBackend.MATH):
-            logits = self.model(t, p, self.cache, cache_rows=torch.tensor(rows, device=self.device))[:, -1]  # (B, V)
+            logits = decode(self.model, t, p, self.cache, torch.tensor(rows, device=self.device))[:, -1]  # (B, V)
         self.stats["decode_tokens"] += len(live)
         for req, tok, lg in zip(live, tokens, logits):
             req.cached.append(tok)

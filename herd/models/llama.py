@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.config import ModelConfig
-from herd.engine.kv_cache import KVCache
+from herd.models.kv_cache import KVCache
 from herd.ops.rope import apply_rope, inv_frequencies
 
 
@@ -131,8 +131,6 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.native_decode = True  # decode steps of a quantized model may run in C (herd/quant/decode.py)
-        self.prefill_chunk = 128  # tokens per slice of a long prompt prefilled into a cache (forward, last_only)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # (hd/2,) float32; kept on the CPU-side dtype even when the model is bf16. A checkpoint's own rope_freqs
@@ -171,27 +169,8 @@ class Transformer(nn.Module):
         elif input_pos.dim() == 1:
             input_pos = input_pos.expand(B, T)
         h = self.tok_embeddings(tokens) if embeds is None else embeds
-        if T == 1 and cache is not None and getattr(self, "native_decode", True):  # decode: maybe one C call
-            from herd.quant.decode import plan_for
-
-            plan = plan_for(self, cache)
-            if plan is not None and h.dtype is torch.float32 and not h.requires_grad:
-                x = h.reshape(B, -1).clone()  # (B, D), updated in place to the final-normed hidden state
-                rows = None if cache_rows is None else cache_rows.reshape(B).to(torch.int64).contiguous()
-                plan.run(x, input_pos.reshape(B).to(torch.int64).contiguous(), cache, rows)
-                return self.output(x.view(B, 1, -1))
-        n = getattr(self, "prefill_chunk", 0)
-        if last_only and cache is not None and not cache.window and 0 < n < T:
-            # a long prompt into the cache in slices: the earlier ones only fill the cache, so no more than
-            # prefill_chunk tokens' activations are live at once (the feed-forward's (T, ffn_dim) float32 tensors
-            # set the peak memory); later slices attend to the cached keys, so the logits equal one pass's up to
-            # float rounding
-            for a in range(0, T - n, n):
-                self._blocks(h[:, a:a + n], input_pos[:, a:a + n], cache, cache_rows)
-            last = (T - 1) // n * n
-            h, input_pos = h[:, last:], input_pos[:, last:]
         h = self._blocks(h, input_pos, cache, cache_rows)
-        if last_only:
+        if last_only:  # a prefill wants the next token's logits only: skip the (T, V) output projection
             h = h[:, -1:]
         return self.output(self.norm(h))
 

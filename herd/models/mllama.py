@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.config import ModelConfig
-from herd.engine.kv_cache import KVCache
+from herd.models.kv_cache import KVCache
 from herd.errors import GenerationError
 from herd.models.llama import FeedForward, RMSNorm, TransformerBlock, embedding
 from herd.models.vision import MllamaVisionConfig, MllamaVisionEncoder

@@ -1,11 +1,13 @@
 """The native decode step: every layer of a Llama model with quantized linear layers, for one new token per row, in
 one C call (herd/quant/csrc/herd_decode.c) instead of ~40 small PyTorch operations per layer.
 
-`Transformer.forward` takes this path by itself for a decode step (T == 1) over a `KVCache` when the model qualifies
-(`plan_for`): plain Llama layers (RoPE, no QK-norm, no chunked attention, no MoE), all seven linear layers of every
-block QuantLinear without bias, float32 norms, no gradients. Anything else -- prefill, a paged or ring cache, bf16,
-LoRA, training -- runs the PyTorch path. HERD_NO_NATIVE_DECODE=1 (or `model.native_decode = False`) turns it off.
-The results equal the PyTorch path's up to float32 summation order (tests/test_fast_decode.py).
+Attached from outside, like any module swap: `attach(model)` (done by quantize_model and build_quantized_model)
+sets `model.decode_step`, a NativeDecodeStep; the engine calls it for each decode step and runs the model's own
+forward when it answers None. It answers only when the model and cache qualify (`plan_for`): plain Llama layers
+(RoPE, no QK-norm, no chunked attention, no MoE), all seven linear layers of every block QuantLinear without bias,
+float32 norms and cache, no gradients. Anything else -- a paged or ring cache, bf16, LoRA, training -- runs the
+PyTorch path. HERD_NO_NATIVE_DECODE=1 (or `model.decode_step.enabled = False`) turns it off. The results equal the
+PyTorch path's up to float32 summation order (tests/test_fast_decode.py). The model itself knows nothing of this.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def _signature(model) -> tuple:
 
 
 def _cache_ok(cache) -> bool:
-    from herd.engine.kv_cache import KVCache
+    from herd.models.kv_cache import KVCache
 
     if type(cache) is not KVCache or cache.window:
         return False
@@ -166,12 +168,44 @@ def _cache_ok(cache) -> bool:
 
 def plan_for(model, cache) -> DecodePlan | None:
     """The model's native decode plan when this model and cache can take the native path, else None."""
-    if DISABLED or not getattr(model, "native_decode", True) or torch.compiler.is_compiling():
-        return None
-    if not (native._lib if native._tried else native.load()):
-        return None
-    plan = model.__dict__.get("_decode_plan")
-    if plan is None or not plan.current(model):
-        plan = DecodePlan(model) if _eligible(model) else None
-        model.__dict__["_decode_plan"] = plan
-    return plan if plan is not None and plan.bind(cache) else None
+    step = getattr(model, "decode_step", None)
+    return step.plan_for(model, cache) if isinstance(step, NativeDecodeStep) else None
+
+
+class NativeDecodeStep:
+    """model.decode_step: step(model, tokens (B, 1), input_pos (B, 1), cache, rows (B,) | None) -> logits (B, 1, V),
+    or None when this model and cache must take the PyTorch path. The model is passed in, not held: a copy of the
+    model carries a copy of the step, and the plan is rebuilt for whichever model it is handed."""
+
+    def __init__(self):
+        self.enabled = True
+        self.plan: DecodePlan | None = None
+
+    def plan_for(self, model, cache) -> DecodePlan | None:
+        if DISABLED or not self.enabled or torch.compiler.is_compiling():
+            return None
+        if not (native._lib if native._tried else native.load()):
+            return None
+        if self.plan is None or not self.plan.current(model):
+            self.plan = DecodePlan(model) if _eligible(model) else None
+        return self.plan if self.plan is not None and self.plan.bind(cache) else None
+
+    def __call__(self, model, tokens: torch.Tensor, input_pos: torch.Tensor, cache, rows: torch.Tensor | None = None):
+        plan = self.plan_for(model, cache)
+        if plan is None:
+            return None
+        B = tokens.shape[0]
+        h = model.tok_embeddings(tokens.reshape(B, 1))
+        if h.dtype is not torch.float32 or h.requires_grad:
+            return None
+        x = h.reshape(B, -1).clone()  # (B, D), updated in place to the final-normed hidden state
+        rows = None if rows is None else rows.reshape(B).to(torch.int64).contiguous()
+        plan.run(x, input_pos.reshape(B).to(torch.int64).contiguous(), cache, rows)
+        return model.output(x.view(B, 1, -1))
+
+
+def attach(model) -> None:
+    """Give a model whose linear layers are quantized its native decode step (model.decode_step); a model that does
+    not qualify keeps running its PyTorch path (the step answers None), so attaching is always safe."""
+    if not isinstance(getattr(model, "decode_step", None), NativeDecodeStep):
+        model.decode_step = NativeDecodeStep()

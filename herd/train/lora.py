@@ -286,7 +286,8 @@ def quantize_base(model: nn.Module, gguf_path=None, scheme: str = "q4_1") -> lis
     With a GGUF file, its own quantized blocks are used as they are (no re-quantization); otherwise (an HF or Meta
     float base) the weights are quantized to `scheme`. Embedding, norms and output layer stay float.
     """
-    from herd.quant.linear import QuantLinear, load_quantized_linears, quantize_model
+    from herd.quant.linear import QuantLinear
+    from herd.quant.model import load_quantized_linears, quantize_model
 
     if gguf_path is not None:
         from herd.formats.gguf import gguf_to_herd_name, read_gguf

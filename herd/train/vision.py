@@ -418,7 +418,7 @@ def hidden_states(vlm, tokens: torch.Tensor, feats: torch.Tensor, prefix: int = 
     The first `prefix` tokens, the same in every row (system prompt and user header), run once for the batch into a
     KV cache that each row then attends to: the same numbers as the full rows (the test checks it), with gradients.
     """
-    from herd.engine.kv_cache import KVCache
+    from herd.models.kv_cache import KVCache
 
     text = vlm.text
     B, T = tokens.shape

@@ -218,7 +218,7 @@ def run(args):
         return 0
 
     from herd.api import load_tokenizer_only
-    from herd.evaluate import sample_text
+    from herd.eval.ppl import sample_text
     from herd.hub import resolve
 
     model = resolve(args.model)
@@ -233,7 +233,7 @@ def run(args):
     for engine in args.engines.split(","):
         print(f"[bench] {engine} ...", flush=True)
         res_file = out / f"{engine}.json.tmp"
-        cmd = [sys.executable, "-m", "herd.bench", "--model", str(model), "--child", engine, str(ids_file),
+        cmd = [sys.executable, "-m", "herd.eval.bench", "--model", str(model), "--child", engine, str(ids_file),
                str(args.threads), str(res_file)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         t0 = time.perf_counter()
