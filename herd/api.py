@@ -98,10 +98,13 @@ def drop_tokenizer_arrays(metadata: dict) -> dict:
 
 
 def load(path: str | Path | None = None, dtype=None, *, chat_template: str | None = None,
-         keep_quantized: bool = False) -> LLM:
-    """Load a checkpoint (path, catalog name, or None for the default model) into an LLM."""
+         keep_quantized: bool | None = None, quantization: str | None = None) -> LLM:
+    """Load a checkpoint (path, catalog name, or None for the default model) into an LLM, on the fastest correct path
+    by default: a GGUF file keeps its weight blocks (native kernels, C decode step) unless keep_quantized=False or a
+    float dtype is asked for; `quantization` ("q8_0", "q4_0", "q4_k", ...) quantizes an HF / Meta (or dequantized
+    GGUF) checkpoint in memory at load, with the same kernels."""
     from herd.chat_format import chat_format_for
-    from herd.formats import load_checkpoint, multimodal_kind
+    from herd.formats import detect_format, load_checkpoint, multimodal_kind
     from herd.hub import resolve
     from herd.models.llama import build_model
 
@@ -110,9 +113,15 @@ def load(path: str | Path | None = None, dtype=None, *, chat_template: str | Non
     if kind is not None:  # Llama 3.2 Vision / Llama 4 with its vision tower: an LLM that also takes images
         from herd.vision_llm import load_vision_llm
 
-        if keep_quantized:
-            raise GenerationError(f"{path}: keep_quantized applies to GGUF files, not to a {kind} vision checkpoint")
+        if keep_quantized or quantization:
+            raise GenerationError(f"{path}: quantized weights apply to text checkpoints, not to a {kind} vision "
+                                  f"checkpoint")
         return load_vision_llm(path, kind, dtype, chat_template=chat_template)
+    if keep_quantized is None:  # the default: GGUF blocks stay blocks, unless a float dtype or a re-quantization
+        keep_quantized = dtype is None and quantization is None and detect_format(path) == "gguf"
+    if keep_quantized and quantization:
+        raise GenerationError(f"{path}: keep_quantized keeps the file's own blocks; quantization={quantization!r} "
+                              f"re-quantizes float weights: choose one")
     ckpt = load_checkpoint(path, parse_dtype(dtype), keep_quantized=keep_quantized)
     ckpt.metadata = drop_tokenizer_arrays(ckpt.metadata)
     # a GGUF file's own rope_freqs divisors that no llama3 setting explains (SPEC.md §4)
@@ -123,6 +132,10 @@ def load(path: str | Path | None = None, dtype=None, *, chat_template: str | Non
         model = build_quantized_model(ckpt.config, ckpt.state_dict)
     else:
         model = build_model(ckpt.config, ckpt.state_dict)
+        if quantization:
+            from herd.quant.model import quantize_model
+
+            quantize_model(model, quantization.lower())
     if rope_divisors is not None:
         model.set_inv_freq(model.inv_freq / rope_divisors.float().reshape(-1))
     template = chat_template if chat_template is not None else ckpt.chat_template

@@ -25,8 +25,27 @@ def _add_model(p, positional=False):
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's; GGUF -> float32)")
     if not positional:
         p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT layout) to run unmerged")
-        p.add_argument("--quantized", action="store_true", help="GGUF: keep the weights in their block formats "
-                       "(native kernels and C decode step: several times faster, logits within ~1e-4)")
+        add_quantization(p)
+
+
+def add_quantization(p) -> None:
+    """--quantized (the default for GGUF), --dequantize, --quantization SCHEME: how the weights are held."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quantized", action="store_true", help="GGUF: keep the weights in their block formats (the "
+                   "default: native kernels and the C decode step); accepted for compatibility")
+    g.add_argument("--dequantize", action="store_true", help="GGUF: dequantize to float and run the PyTorch float "
+                   "path instead (slower; for comparisons)")
+    g.add_argument("--quantization", default=None, metavar="SCHEME", help="quantize float weights (HF / Meta, or a "
+                   "dequantized GGUF) in memory at load: q8_0, q4_0, q4_1, q5_0, q5_1, q4_k (same kernels)")
+
+
+def load_options(args) -> dict:
+    """herd.load keywords from add_quantization's flags: None lets load() choose (GGUF blocks kept)."""
+    if getattr(args, "dequantize", False) or getattr(args, "quantization", None):
+        keep = False
+    else:
+        keep = True if getattr(args, "quantized", False) else None
+    return dict(keep_quantized=keep, quantization=getattr(args, "quantization", None))
 
 
 def _add_images(p):
@@ -65,7 +84,7 @@ def _load_llm(args):
         from herd.train.lora import adapter_base
 
         model = adapter_base(adapter)
-    llm = load(model, args.dtype, keep_quantized=getattr(args, "quantized", False))
+    llm = load(model, args.dtype, **load_options(args))
     if adapter:
         from herd.train.lora import apply_adapter
 
@@ -213,7 +232,8 @@ def cmd_eval_ppl(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="herd", description="Run, convert, serve and fine-tune Llama models.")
+    parser = argparse.ArgumentParser(prog="herd", description="Run, convert, serve and fine-tune Llama models.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="complete one prompt")
@@ -285,7 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         mod.register(sub)
+    _no_abbreviations(parser)
     return parser
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """No prefix of a long option stands for it (--quant is neither --quantized nor --quantization), in every
+    subcommand: argparse reads allow_abbrev when it parses, so setting it after add_parser is enough."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _no_abbreviations(sub)
 
 
 def main(argv=None) -> int:
