@@ -30,7 +30,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from herd.multimodal import ImageChat, default_vision_dir
+    from herd.api import ImageChat
+    from herd.hub import default_vision_dir
     from herd.train.cli import report_lines
     from herd.train.vision import VisionTrainConfig, eval_split, normalize_answer, train_vision
 

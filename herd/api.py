@@ -1,4 +1,18 @@
-"""The Python API: herd.load() returns an LLM with its tokenizer and chat format; the CLI and server call this."""
+"""The Python API: herd.load() returns an LLM (text) or a VisionLLM (text and images); the CLI and server call this.
+
+One image protocol for every model that reads pictures -- a released multimodal checkpoint (Llama 3.2 Vision, Llama 4)
+or a text model with a herd vision model attached (ImageChat, from `herd train-vision`):
+
+    encode(prompt, images=None) -> (ids, image inputs or None)     run(prompts, params, images=None) -> Deltas
+    generate(prompt, images=None, **sampling) -> Completion         stream(prompt, images=None, **sampling) -> str
+    generate_batch(prompts, images=None, **sampling)                chat(messages, **sampling)
+
+A prompt is token ids, a string (one user message) or OpenAI-style messages whose user contents may hold image parts
+(herd/image_prompts.py). Generation is BatchRun over a VisionStep (herd/engine/vision_step.py): prompts with and
+without images run in one batch.
+
+Floor 9: imports the engine, formats, hub and everything below; the server, training, evaluation and the CLI sit above.
+"""
 
 from __future__ import annotations
 
@@ -50,7 +64,7 @@ class LLM:
             return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if not getattr(self, "accepts_images", False):
-            from herd.multimodal import has_images
+            from herd.image_prompts import has_images
 
             if has_images(messages):
                 raise GenerationError(f"{self.source}: a text-only model takes no images; load a vision checkpoint "
@@ -82,6 +96,10 @@ class LLM:
     def run(self, prompts_ids: Sequence[Sequence[int]], params) -> BatchRun:
         return BatchRun(self.model, prompts_ids, params, self.tokenizer, self.stop_ids)
 
+    def step(self):
+        """The model object an engine drives for this LLM (a fresh one where it keeps per-row state)."""
+        return self.model
+
     @torch.inference_mode()
     def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Float32 logits (T, V) of a token sequence, one full forward."""
@@ -98,11 +116,12 @@ def drop_tokenizer_arrays(metadata: dict) -> dict:
 
 
 def load(path: str | Path | None = None, dtype=None, *, chat_template: str | None = None,
-         keep_quantized: bool | None = None, quantization: str | None = None) -> LLM:
+         keep_quantized: bool | None = None, quantization: str | None = None, vision=None) -> LLM:
     """Load a checkpoint (path, catalog name, or None for the default model) into an LLM, on the fastest correct path
     by default: a GGUF file keeps its weight blocks (native kernels, C decode step) unless keep_quantized=False or a
     float dtype is asked for; `quantization` ("q8_0", "q4_0", "q4_k", ...) quantizes an HF / Meta (or dequantized
-    GGUF) checkpoint in memory at load, with the same kernels."""
+    GGUF) checkpoint in memory at load, with the same kernels. A multimodal checkpoint gives a VisionLLM; `vision`
+    (a `herd train-vision` folder) attaches a herd vision model to a text model (ImageChat)."""
     from herd.chat_format import chat_format_for
     from herd.formats import detect_format, load_checkpoint, multimodal_kind
     from herd.hub import resolve
@@ -111,12 +130,13 @@ def load(path: str | Path | None = None, dtype=None, *, chat_template: str | Non
     path = resolve(None if path is None else str(path))
     kind = multimodal_kind(path)
     if kind is not None:  # Llama 3.2 Vision / Llama 4 with its vision tower: an LLM that also takes images
-        from herd.vision_llm import load_vision_llm
-
         if keep_quantized or quantization:
             raise GenerationError(f"{path}: quantized weights apply to text checkpoints, not to a {kind} vision "
                                   f"checkpoint")
-        return load_vision_llm(path, kind, dtype, chat_template=chat_template)
+        if vision is not None:
+            raise GenerationError(f"{path} reads images itself ({kind}); vision= attaches a herd vision model to a "
+                                  f"text model")
+        return load_multimodal(path, kind, dtype, chat_template=chat_template)
     if keep_quantized is None:  # the default: GGUF blocks stay blocks, unless a float dtype or a re-quantization
         keep_quantized = dtype is None and quantization is None and detect_format(path) == "gguf"
     if keep_quantized and quantization:
@@ -141,7 +161,238 @@ def load(path: str | Path | None = None, dtype=None, *, chat_template: str | Non
     template = chat_template if chat_template is not None else ckpt.chat_template
     fmt = chat_format_for(ckpt.tokenizer, ckpt.config.family, template) if ckpt.tokenizer is not None else None
     ckpt.state_dict = {}  # the model owns the tensors now
-    return LLM(model, ckpt.tokenizer, fmt, str(path), ckpt)
+    llm = LLM(model, ckpt.tokenizer, fmt, str(path), ckpt)
+    return ImageChat.load(vision, llm=llm) if vision is not None else llm
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images: one protocol for vision checkpoints and herd's own vision models
+
+# Images per prompt: herd's guard, not a limit of the weights. Llama 4: Meta's launch notes report good results after
+# post-training with up to 8 images. Llama 3.2 Vision: neither Meta's code nor transformers caps the count; 8 bounds
+# the cross-attention K/V (images x 4 tiles x 1601 tokens per block). Set VisionLLM.max_images to change it.
+MAX_IMAGES = 8
+LLAMA4_MAX_TILES = 16  # tiles per image (transformers' Llama4ImageProcessor max_patches, Meta's max_num_chunks)
+
+
+class VisionLLM(LLM):
+    """An LLM that also reads images (the module docstring's protocol). mm: the whole multimodal module (Mllama,
+    Llama4Multimodal or herd's VisionLM); model: a VisionStep over it; config: the text model's ModelConfig."""
+
+    accepts_images = True
+
+    def __init__(self, mm, tokenizer, chat_format, source: str = "", max_images: int | None = None):
+        from herd.engine.vision_step import VisionStep
+
+        super().__init__(VisionStep(mm), tokenizer, chat_format, source)
+        self.mm = mm
+        self.kind = self.model.kind  # "mllama", "llama4" or "herd"
+        self.config = self.model.text.config if self.kind != "mllama" else mm.config.text
+        self.max_images = MAX_IMAGES if max_images is None else int(max_images)
+
+    def step(self):
+        from herd.engine.vision_step import VisionStep
+
+        return VisionStep(self.mm)
+
+    # -- prompts -----------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt, raw: bool = False, tools=None) -> list[int]:
+        """Prompt ids of a prompt without images (LLM.encode_prompt); prompts with images go through encode()."""
+        ids, inputs = self.encode(prompt, raw=raw, tools=tools)
+        if inputs is not None:
+            raise GenerationError(f"{self.source}: this prompt has images; generate() / run() take it")
+        return ids
+
+    def encode(self, prompt, images: Sequence | None = None, *, raw: bool = False, tools=None):
+        """Prompt (+ images) -> (prompt ids, the images as the model takes them at prefill, or None)."""
+        from herd.image_prompts import split_images, with_images
+
+        is_ids = isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt)
+        if is_ids or (raw and isinstance(prompt, str)):
+            if images:
+                raise GenerationError("images go into a chat prompt (a string or messages), not into token ids or "
+                                      "a raw prompt")
+            return super().encode_prompt(prompt, raw, tools), None
+        flat, sources = split_images(with_images(prompt, images))
+        if not sources:
+            return super().encode_prompt(flat, False, tools), None
+        if len(sources) > self.max_images:
+            raise GenerationError(f"{len(sources)} images in one prompt; {self.source} takes at most "
+                                  f"{self.max_images} ({self.kind})")
+        if self.chat_format is None:
+            raise GenerationError(f"{self.source}: this model has no tokenizer and chat format to place images in")
+        return self._encode_images(flat, sources, tools)
+
+    def _encode_images(self, flat, sources, tools):
+        from herd.image_prompts import encode_multimodal_prompt, image_parts
+
+        if self.kind == "llama4":
+            from herd.images import llama4_preprocess
+
+            v = self.mm.vision.config
+            pre = llama4_preprocess(list(sources), tile_size=v.image_size, max_tiles=LLAMA4_MAX_TILES)
+            ids = self._dialog(image_parts(flat, pre.aspect_ratios), tools, len(sources), pre.aspect_ratios)
+            want = sum(pre.tiles_per_image) * v.tokens_per_tile
+            found = sum(1 for t in ids if t == self.mm.patch_token_id)
+            if found != want:
+                raise GenerationError(f"the prompt has {found} <|patch|> tokens (id {self.mm.patch_token_id}); its "
+                                      f"{len(sources)} image(s) give {want} patch embeddings")
+            return ids, pre.pixel_values
+        ids = self._dialog(image_parts(flat, None), tools, len(sources))
+        return ids, encode_multimodal_prompt(ids, sources, self.mm.config)
+
+    def _dialog(self, messages, tools, n_images: int, grids=None) -> list[int]:
+        """Ids of the messages with their image parts. Meta's formats place images themselves; a chat template
+        (JinjaChatFormat) writes "<|image|>" per image, which is mapped here as transformers' processors do: to the
+        model's image token (Mllama) or to the whole tile layout of that image (Llama 4)."""
+        from herd.chat_format import JinjaChatFormat, Llama4ChatFormat
+
+        fmt = self.chat_format
+        ids = fmt.encode_dialog(messages, add_generation_prompt=True, tools=tools)
+        if not isinstance(fmt, JinjaChatFormat):
+            return ids
+        marker = self.tokenizer.special_tokens.get("<|image|>")
+        count = sum(1 for t in ids if t == marker)
+        if marker is None or count != n_images:
+            raise GenerationError(f"the chat template placed {0 if marker is None else count} <|image|> tokens for "
+                                  f"{n_images} image(s)")
+        if self.kind == "mllama":
+            return [self.mm.config.image_token_id if t == marker else t for t in ids]
+        layout = Llama4ChatFormat(self.tokenizer, patches_per_tile=self.mm.vision.config.tokens_per_tile)
+        out, k = [], 0
+        for t in ids:
+            if t == marker:
+                out += [p.id for p in layout._image({"aspect_ratio": list(grids[k])}, f"image {k}")]
+                k += 1
+            else:
+                out.append(t)
+        return out
+
+    # -- generation --------------------------------------------------------------------------------------
+    def run(self, prompts: Sequence, params, images: Sequence | None = None, *, raw: bool = False, tools=None):
+        """Generation for prompts (ids, strings or messages), each with its own images (or None), in one batch;
+        iterate for Deltas, then .completions()."""
+        if isinstance(params, dict):
+            params = SamplingParams(**params)
+        if images is None:
+            images = [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise GenerationError(f"{len(prompts)} prompts but {len(images)} image lists")
+        encoded = [self.encode(p, im, raw=raw, tools=tools) for p, im in zip(prompts, images)]
+        return BatchRun(self.step(), [ids for ids, _ in encoded], params, self.tokenizer, self.stop_ids,
+                        images=[inputs for _, inputs in encoded])
+
+    def generate_batch(self, prompts: Sequence, images: Sequence | None = None, *, raw: bool = False, tools=None,
+                       **sampling) -> list[Completion]:
+        run = self.run(prompts, SamplingParams(**sampling), images, raw=raw, tools=tools)
+        for _ in run:
+            pass
+        return run.completions()
+
+    def generate(self, prompt, images: Sequence | None = None, *, raw: bool = False, tools=None,
+                 **sampling) -> Completion:
+        """One Completion for a prompt (ids, string or messages) with optional images."""
+        return self.generate_batch([prompt], [images], raw=raw, tools=tools, **sampling)[0]
+
+    def stream(self, prompt, images: Sequence | None = None, *, raw: bool = False, tools=None,
+               **sampling) -> Iterator[str]:
+        """Text pieces as they are generated (BatchRun's streaming: whole characters, stop strings held back)."""
+        for delta in self.run([prompt], SamplingParams(**sampling), [images], raw=raw, tools=tools):
+            if delta.text:
+                yield delta.text
+
+
+class ImageChat(VisionLLM):
+    """A text LLM with a herd vision model attached (`herd train-vision`): VisionLLM's protocol over it. The images
+    of a prompt become embeddings of its <|patch|> slots (herd/models/vision_lm.py); llm is the text LLM."""
+
+    def __init__(self, llm: LLM, vlm, spec):
+        super().__init__(vlm, llm.tokenizer, llm.chat_format, llm.source)
+        self.llm, self.vlm, self.spec = llm, vlm, spec
+        self.image_ids = spec.tokens.for_image(spec.tokens_per_image)
+
+    @classmethod
+    def load(cls, vision_dir: str | Path | None = None, llm: LLM | None = None, model: str | None = None,
+             dtype=None) -> "ImageChat":
+        """Load (or take) the text model and attach the vision checkpoint (default: hub.default_vision_dir())."""
+        from herd.errors import FormatError
+        from herd.formats.vision_ckpt import CONFIG_FILE, load_vision
+        from herd.hub import default_vision_dir
+
+        folder = Path(vision_dir) if vision_dir is not None else default_vision_dir(model)
+        if not (folder / CONFIG_FILE).exists():
+            raise FormatError(f"{folder}: no vision model there ({CONFIG_FILE} missing); train one with "
+                              f"`herd train-vision` (or `make vision-demo`), or pass the folder of one")
+        if llm is None:
+            llm = load(model, dtype)
+        vlm, spec = load_vision(folder, llm.model)
+        return cls(llm, vlm, spec)
+
+    def _encode_images(self, flat, sources, tools):
+        from herd.image_prompts import encode_with_images
+
+        ids, _ = encode_with_images(self.tokenizer, self.chat_format, flat, self.image_ids)
+        return ids, self.features(sources)
+
+    @torch.inference_mode()
+    def features(self, sources: Sequence) -> torch.Tensor:
+        """Image sources -> their embeddings (n * N, D); FormatError for anything that is not a good image."""
+        from herd.images import llama4_preprocess
+
+        pixels = llama4_preprocess(list(sources), tile_size=self.spec.vision.image_size, max_tiles=self.spec.max_tiles)
+        return self.vlm.image_features(pixels.pixel_values)
+
+
+def _hf_dtype(folder: Path) -> torch.dtype:
+    """The dtype an HF config.json says its weights are in (float32 when it says nothing usable)."""
+    from herd.formats.hf import read_json
+
+    cfg = read_json(folder / "config.json")
+    for d in (cfg, cfg.get("text_config") or {}):
+        name = d.get("torch_dtype") or d.get("dtype")
+        if name in ("float32", "bfloat16", "float16"):
+            return getattr(torch, name)
+    return torch.float32
+
+
+def load_multimodal(path: str | Path, kind: str, dtype=None, *, chat_template: str | None = None,
+                    max_images: int | None = None) -> VisionLLM:
+    """A multimodal checkpoint folder (kind from herd.formats.multimodal_kind) -> VisionLLM. dtype None keeps the
+    checkpoint's."""
+    from herd.chat_format import JinjaChatFormat, Llama3ChatFormat, Llama4ChatFormat
+    from herd.errors import ConfigError
+    from herd.formats import _hf_chat_template
+    from herd.formats.mllama import build_mllama, load_llama4_multimodal_hf, load_mllama_hf, load_mllama_meta
+
+    path = Path(path)
+    dtype = parse_dtype(dtype)
+    hf = (path / "config.json").exists()
+    if kind == "mllama":
+        config, sd = load_mllama_hf(path) if hf else load_mllama_meta(path)
+        if dtype is None:
+            dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
+        mm = build_mllama(config, sd, dtype)
+    elif kind == "llama4":
+        mm = load_llama4_multimodal_hf(path, dtype or _hf_dtype(path))
+    else:
+        raise ConfigError(f"{path}: unknown multimodal kind {kind!r} (mllama, llama4)")
+    tokenizer = fmt = None
+    if any((path / n).exists() for n in ("tokenizer.json", "tokenizer.model")):
+        from herd.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+    template = chat_template if chat_template is not None else (_hf_chat_template(path) if hf else None)
+    if tokenizer is not None:
+        if template:
+            fmt = JinjaChatFormat(tokenizer, template)
+        elif kind == "llama4":
+            fmt = Llama4ChatFormat(tokenizer, patches_per_tile=mm.vision.config.tokens_per_tile)
+        else:
+            fmt = Llama3ChatFormat(tokenizer)
+            fmt.IMAGE_ID = mm.config.image_token_id  # the model's <|image|> row (128256 in the released models)
+    if max_images is not None and max_images < 1:
+        raise ConfigError(f"max_images must be at least 1, got {max_images}")
+    return VisionLLM(mm, tokenizer, fmt, str(path), max_images)
 
 
 def load_tokenizer_only(path: str | Path | None = None):

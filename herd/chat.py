@@ -38,7 +38,7 @@ def run_chat(llm, system: str | None = None, sampling: dict | None = None, stdin
     a HerdError saying what is missing when there is none.
     """
     from herd.errors import HerdError
-    from herd.multimodal import image_command, user_message
+    from herd.image_prompts import user_message
 
     stdin, out = stdin or sys.stdin, stdout or sys.stdout
     sampling = dict(sampling or {})
@@ -113,3 +113,20 @@ def raise_no_images(llm):
 
     raise GenerationError(f"{llm.source} takes no images: give a vision checkpoint (Llama 3.2 Vision, Llama 4) or a "
                           f"vision model trained with `herd train-vision` (--vision DIR)")
+
+
+def image_command(line: str, pending: list) -> str | None:
+    """Handle `/image PATH` (attach) and `/image` alone (drop attached images); returns what to tell the user, or
+    None when the line is not an /image command. The image is checked now, so a bad file fails at once."""
+    from herd.images import load_image
+
+    text = line.strip()
+    if text != "/image" and not text.startswith("/image "):
+        return None
+    path = text[len("/image"):].strip().strip("'\"")
+    if not path:
+        pending.clear()
+        return "(attached images removed)"
+    img = load_image(path)
+    pending.append(path)
+    return f"(image attached: {path}, {img.size[0]}x{img.size[1]}; it goes with your next message)"

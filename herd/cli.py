@@ -81,12 +81,12 @@ def _load_llm(args):
     model = args.model
     adapter = getattr(args, "adapter", None)
     if adapter and model is None:
-        from herd.train.lora import adapter_base
+        from herd.formats.peft import adapter_base
 
         model = adapter_base(adapter)
     llm = load(model, args.dtype, **load_options(args))
     if adapter:
-        from herd.train.lora import apply_adapter
+        from herd.formats.peft import apply_adapter
 
         apply_adapter(llm.model, adapter)
     return llm
@@ -107,7 +107,7 @@ def _image_model(args, llm):
 
     if accepts_images(llm):
         return llm
-    from herd.multimodal import ImageChat
+    from herd.api import ImageChat
 
     return ImageChat.load(args.vision, llm=llm, model=args.model)
 

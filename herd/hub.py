@@ -52,6 +52,13 @@ def herd_home() -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # registry
 
+
+def default_vision_dir(base: str | None = None) -> Path:
+    """Where `herd train-vision` writes (and --image looks) by default: HERD_HOME/vision/<base name>."""
+    name = re.sub(r"[^\w.-]+", "_", Path(base).stem if base else DEFAULT_MODEL)
+    return herd_home() / "vision" / name
+
+
 def _registry_path() -> Path:
     return herd_home() / "registry.json"
 

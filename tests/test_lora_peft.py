@@ -11,7 +11,8 @@ import torch
 
 from herd.formats.hf import load_hf
 from herd.models.llama import build_model
-from herd.train.lora import apply_adapter, apply_lora, lora_modules, merge_lora, save_adapter
+from herd.formats.peft import apply_adapter, save_adapter
+from herd.models.lora import apply_lora, lora_modules, merge_lora
 from refmodels import save_hf_model
 
 peft = pytest.importorskip("peft")

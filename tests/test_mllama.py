@@ -12,7 +12,8 @@ import torch
 
 from herd.errors import ConfigError, FormatError, GenerationError
 from herd.formats.mllama import build_mllama, config_from_hf, load_mllama_hf
-from herd.models.mllama import MllamaCache, cross_attention_mask, encode_multimodal_prompt, image_spans
+from herd.image_prompts import encode_multimodal_prompt
+from herd.models.mllama import MllamaCache, cross_attention_mask, image_spans
 
 TOL = 1e-4
 IMG = 300  # <|image|> id of the tiny model (its text vocabulary is 300; embeddings have 8 more rows)

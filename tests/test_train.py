@@ -294,7 +294,7 @@ def test_grad_accumulation_equals_a_bigger_batch(tiny, tmp_path):
 
 def test_merge_equals_adapter_applied_logits(tiny, chat_data, tmp_path):
     from herd.api import load
-    from herd.train.lora import apply_adapter
+    from herd.formats.peft import apply_adapter
     from herd.train.merge import merge
 
     finetune(tiny, chat_data, tmp_path / "ft", steps=10, **FAST)

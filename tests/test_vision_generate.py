@@ -340,7 +340,7 @@ def test_checkpoint_kinds_are_recognised(mllama, llama4, tmp_path):
     import json
 
     from herd.formats import multimodal_kind
-    from herd.vision_llm import VisionLLM
+    from herd.api import VisionLLM
 
     assert multimodal_kind(mllama[2]) == "mllama" and multimodal_kind(llama4[2]) == "llama4"
     assert isinstance(mllama[1], VisionLLM) and isinstance(llama4[1], VisionLLM)

@@ -17,9 +17,12 @@ import torch
 from herd.errors import ConfigError, FormatError, GenerationError
 from herd.images import llama4_preprocess
 from herd.models.vision import Llama4VisionConfig
-from herd.train.lora import lora_modules
-from herd.multimodal import (ImageChat, build_vision_lm, choose_image_tokens, encode_with_images, has_images,
-                             image_command, read_spec, save_vision, split_images, user_message)
+from herd.models.lora import lora_modules
+from herd.api import ImageChat
+from herd.chat import image_command
+from herd.formats.vision_ckpt import read_spec, save_vision
+from herd.image_prompts import encode_with_images, has_images, split_images, user_message
+from herd.models.vision_lm import build_vision_lm, choose_image_tokens
 from herd.train.vision import (CANVAS, COLOURS, HELD_OUT, KINDS, POSITIONS, SHAPES, TEMPLATES, PromptBuilder,
                                VisionTrainConfig, _HiddenOnly, answer_logits, eval_split, hidden_states, make_example,
                                fit_vision, make_split, shape_points, train_vision)
@@ -242,7 +245,7 @@ def test_shared_prefix_equals_full_rows_with_gradients(smol_text):
     llm = _tiny_llm(smol_text)
     tokens = choose_image_tokens(llm.tokenizer)
     vlm = build_vision_lm(llm.model, tokens, Llama4VisionConfig(**TINY_VISION))
-    from herd.train.lora import apply_lora
+    from herd.models.lora import apply_lora
 
     apply_lora(llm.model, rank=4, alpha=8, seed=1)
     for m in llm.model.modules():  # non-zero B so that LoRA changes the prefix too

@@ -160,13 +160,20 @@ class BatchRun:
     """Generation for a batch of prompts: validated on construction, iterate for Deltas, then completions()."""
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 tokenizer=None, stop_ids: frozenset[int] = frozenset(), prefill_chunk: int = PREFILL_CHUNK):
+                 tokenizer=None, stop_ids: frozenset[int] = frozenset(), prefill_chunk: int = PREFILL_CHUNK,
+                 images: Sequence | None = None):
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise GenerationError(f"{len(prompts)} prompts but {len(params)} sampling settings")
         self.model = model
-        # a model bound to whole prompts (images, herd/engine/vision_step.py) takes each prefill in one pass
+        # images: one entry per prompt (None for a text prompt), bound to its cache row before its prefill by a
+        # model that takes them (herd/engine/vision_step.py); some take a prompt with images in one pass only
+        self.images = list(images) if images is not None else [None] * len(prompts)
+        if len(self.images) != len(prompts):
+            raise GenerationError(f"{len(prompts)} prompts but {len(self.images)} image entries")
+        if any(im is not None for im in self.images) and not hasattr(model, "bind"):
+            raise GenerationError("this model takes no images")
         self.prefill_chunk = 0 if getattr(model, "whole_prompts", False) else prefill_chunk
         ctx = model.config.max_seq_len
         self.seqs: list[_Seq] = []
@@ -199,11 +206,18 @@ class BatchRun:
         dtype, device = activation_dtype_device(model)
         cache = KVCache(model.config, batch=len(live), max_len=max_len, dtype=dtype, device=device)
         row = {id(s): r for r, s in enumerate(live)}
+        bind = getattr(model, "bind", None)
         with torch.inference_mode():
             for s in live:  # prefill each prompt alone into its own row
                 ids = torch.tensor([s.prompt], device=device)
                 pos = torch.arange(len(s.prompt), device=device)
-                logits = prefill(model, ids, pos, cache.rows(row[id(s)]), chunk=self.prefill_chunk)[0, -1]
+                r = row[id(s)]
+                if bind is None:
+                    logits = prefill(model, ids, pos, cache.rows(r), chunk=self.prefill_chunk)[0, -1]
+                else:
+                    bind(r, s.prompt, self.images[s.index])
+                    logits = prefill(model, ids, pos, cache, torch.tensor([r], device=device),
+                                     self.prefill_chunk)[0, -1]
                 yield s.add(pick_token(logits, s.p, s.generator, s.prompt), logits)
             while True:
                 live = [s for s in live if s.finish is None]

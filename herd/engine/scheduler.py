@@ -139,11 +139,13 @@ class PagePool:
         self.ref[page] = 1
         return page
 
-    def match(self, tokens: Sequence[int], limit: int) -> list[int]:
-        """Cached pages holding a prefix of tokens (at most `limit` tokens), each referenced once more."""
+    def match(self, tokens: Sequence[int], limit: int, root: int = 0) -> list[int]:
+        """Cached pages holding a prefix of tokens (at most `limit` tokens) in the chains that start at `root` (0:
+        text; another root for rows whose keys differ for the same ids, e.g. with a LoRA on), each referenced once
+        more."""
         if not self.prefix_cache:
             return []
-        P, parent, pages = self.page_size, 0, []
+        P, parent, pages = self.page_size, root, []
         for i in range(limit // P):
             page = self.page_of.get((parent, tuple(tokens[i * P:(i + 1) * P])))
             if page is None:
@@ -155,11 +157,11 @@ class PagePool:
             self.lru.pop(page, None)
         return pages
 
-    def register(self, pages: Sequence[int], tokens: Sequence[int]) -> None:
+    def register(self, pages: Sequence[int], tokens: Sequence[int], root: int = 0) -> None:
         """Make every full page of a sequence (tokens: its ids in cache, in position order) findable by match."""
         if not self.prefix_cache:
             return
-        P, parent = self.page_size, 0
+        P, parent = self.page_size, root
         for i in range(min(len(tokens) // P, len(pages))):
             page = pages[i]
             if page in self.key_of:
@@ -247,6 +249,7 @@ class Request:
     seq: _Seq
     sink: Callable[[object], None]
     constraint: object = None  # has mask(logits (V,)) -> logits and advance(token)
+    images: object = None  # the prompt's images as the model's bind() takes them (herd/engine/vision_step.py)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
@@ -344,9 +347,12 @@ class Engine:
     # -- public, thread-safe -------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[object], None] | None = None,
                *, constraint=None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-               logit_bias: dict[int, float] | None = None) -> Handle:
-        """Queue one request. Raises GenerationError for an impossible one and QueueFull past the queue limit."""
+               logit_bias: dict[int, float] | None = None, images=None) -> Handle:
+        """Queue one request (images: what the model's bind() takes for a prompt with images). Raises
+        GenerationError for an impossible one and QueueFull past the queue limit."""
         params.validate()
+        if images is not None and not hasattr(self.model, "bind"):
+            raise GenerationError("this model takes no images")
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise GenerationError("the prompt is empty: at least one token is needed")
@@ -365,7 +371,7 @@ class Engine:
             sink = events.put
         rid = next(self._ids)
         seq = _Seq(rid, prompt, params, self.tokenizer, self.stop_ids, min(params.max_tokens, self.ctx - len(prompt)))
-        req = Request(rid, prompt, params, seq, sink, constraint, presence_penalty, frequency_penalty,
+        req = Request(rid, prompt, params, seq, sink, constraint, images, presence_penalty, frequency_penalty,
                       dict(logit_bias) if logit_bias else None, feed=list(prompt), arrival=time.monotonic())
         if seq.max_new == 0:  # nothing to generate: answer at once, without taking a row
             self.stats["requests"] += 1
@@ -475,7 +481,8 @@ class Engine:
         while self.waiting and self.free_rows:
             req = self.waiting[0]
             limit = len(req.feed) if req.resume else len(req.feed) - 1  # keep one token to compute logits from
-            matched = self.pool.match(req.feed, limit)
+            root, shared = self._prefix_key(req)
+            matched = self.pool.match(req.feed, min(limit, shared), root)
             need = self._pages_for(len(req.feed)) - len(matched)
             headroom = sum(1 for r in self.running if r.state == DECODE)  # one page of growth per decoding row
             if self.pool.available() < need + headroom and self.running:
@@ -497,12 +504,21 @@ class Engine:
             self.cache.table[req.row, :len(req.pages)] = torch.tensor(req.pages, dtype=torch.long)
             n = len(matched) * self.page_size
             req.cached = list(req.feed[:n])
+            if hasattr(self.model, "bind"):  # the row's images (or none: clears what its last user left)
+                self.model.bind(req.row, req.feed, req.images)
             if not req.resume:
                 req.prefix_hit = n
                 self.stats["prompt_tokens"] += len(req.prompt)
                 self.stats["prefix_hit_tokens"] += n
             req.state = PREFILL
             self.running.append(req)
+
+    def _prefix_key(self, req: Request) -> tuple[int, int]:
+        """(root, tokens) of the prefix cache this request may share: all of a text prompt in the text chains; for
+        a prompt with images what the model says (the text before its first image, in chains of its own kind)."""
+        if req.images is None:
+            return 0, len(req.feed)
+        return self.model.prefix_key(req.feed)
 
     def _grow(self, req: Request, n_tokens: int) -> bool:
         """Give req pages for its first n_tokens positions; False if the pool is empty."""
@@ -601,7 +617,8 @@ class Engine:
     @torch.inference_mode()
     def _prefill_chunk(self, req: Request) -> None:
         start = len(req.cached)
-        chunk = req.feed[start:start + self.prefill_chunk]
+        whole = req.images is not None and getattr(self.model, "whole_prompts", False)  # e.g. Mllama's tile mask
+        chunk = req.feed[start:] if whole else req.feed[start:start + self.prefill_chunk]
         end = start + len(chunk)
         if chunk:
             # Pad the tokens to a multiple of the row granule and the key length to one of the kv granule. The
@@ -623,7 +640,8 @@ class Engine:
             self.stats["prefill_tokens"] += len(chunk)
         if end < len(req.feed):
             return
-        self.pool.register(req.pages, req.cached)
+        root, shared = self._prefix_key(req)
+        self.pool.register(req.pages, req.cached[:shared], root)
         req.state = DECODE
         if not req.resume:
             self._pick(req, logits)

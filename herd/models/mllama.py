@@ -265,14 +265,3 @@ class MllamaInputs:
     aspect_ratio_ids: torch.Tensor  # (1, I)
     aspect_ratio_mask: torch.Tensor  # (1, I, max_tiles)
     cross_attention_mask: torch.Tensor  # (1, T, I, max_tiles)
-
-
-def encode_multimodal_prompt(tokens: list[int], images, config: MllamaConfig) -> MllamaInputs:
-    """Token ids holding one <|image|> (config.image_token_id) per image + image sources -> MllamaInputs."""
-    from herd.images import mllama_preprocess
-
-    v = config.vision
-    pre = mllama_preprocess(list(images), tile_size=v.image_size, max_tiles=v.max_num_tiles)
-    mask = cross_attention_mask(tokens, pre.num_tiles, v.max_num_tiles, config.image_token_id)
-    return MllamaInputs(torch.tensor([tokens]), pre.pixel_values[None], pre.aspect_ratio_ids[None],
-                        pre.aspect_ratio_mask[None], mask[None])

@@ -45,7 +45,9 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
     name = served_model_name or model_name_for(model)
     image_model = None
     if not getattr(llm, "accepts_images", False):
-        from herd.multimodal import CONFIG_FILE, ImageChat, default_vision_dir
+        from herd.api import ImageChat
+        from herd.formats.vision_ckpt import CONFIG_FILE
+        from herd.hub import default_vision_dir
 
         if vision is not None or (default_vision_dir(model) / CONFIG_FILE).exists():
             image_model = ImageChat.load(vision, llm=llm, model=model)

@@ -156,7 +156,8 @@ def prepare_model(model_path, cfg: FinetuneConfig):
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        from herd.train.lora import apply_lora, quantize_base
+        from herd.models.lora import apply_lora
+        from herd.train.lora import quantize_base
 
         if cfg.method == "qlora":
             src = llm.checkpoint
@@ -315,7 +316,7 @@ def _write_result(llm, model_path, cfg: FinetuneConfig, out: Path) -> None:
         save_hf(out, llm.config, sd, bos_id=tok.bos_id, eos_id=tok.eos_id)
         _copy_tokenizer(llm.checkpoint, out, "hf")
     else:
-        from herd.train.lora import save_adapter
+        from herd.formats.peft import save_adapter
 
         save_adapter(llm.model, out, base_model=str(llm.source))
 

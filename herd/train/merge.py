@@ -74,7 +74,8 @@ def merge(base, adapter, out, *, to: str = "hf", quant: str | None = None, dtype
     """Fold `adapter` (a PEFT LoRA folder) into `base` (None: the base the adapter names, else the default model);
     write `out` as 'hf' (dtype) or 'gguf' (quant, default f16)."""
     from herd.api import load, parse_dtype
-    from herd.train.lora import adapter_base, apply_adapter, merge_lora
+    from herd.formats.peft import adapter_base, apply_adapter
+    from herd.models.lora import merge_lora
 
     if to not in ("hf", "gguf"):
         raise ConfigError(f"merge writes hf or gguf, got {to!r}")

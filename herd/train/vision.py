@@ -6,7 +6,7 @@ where it is (left, right, top, bottom, center), and how many objects there are (
 pure function of (seed, i), so every split is reproducible; the held-out split uses other seeds, and part of its
 questions use phrasings that training never shows.
 
-The model (herd.multimodal.VisionLM): a small Llama 4 vision encoder (64-pixel tile, 8-pixel patches, 4 layers of
+The model (herd.models.vision_lm.VisionLM): a small Llama 4 vision encoder (64-pixel tile, 8-pixel patches, 4 layers of
 width 128, 2-D RoPE, pixel shuffle 0.5 -> 16 image embeddings per image) with Meta's adapter MLP and projection to
 the text width, fused early into the frozen text model at <|patch|> positions; LoRA on the text model's linears.
 
@@ -336,10 +336,10 @@ IGNORE = -100
 
 
 class PromptBuilder:
-    """Token ids of training rows, made exactly as inference makes prompts (herd.multimodal.encode_with_images)."""
+    """Token ids of training rows, made exactly as inference makes prompts (herd.image_prompts.encode_with_images)."""
 
     def __init__(self, tokenizer, chat_format, image_ids: list[int], stop_ids):
-        from herd.multimodal import encode_with_images
+        from herd.image_prompts import encode_with_images
 
         self.tok, self.fmt, self.image_ids = tokenizer, chat_format, image_ids
         self.stop_ids = frozenset(stop_ids)
@@ -462,7 +462,7 @@ class VisionTrainConfig:
 
     model: str | None = None  # base text model (default: the default model)
     seed: int = 0
-    vision: dict = field(default_factory=dict)  # overrides of herd.multimodal.SMALL_VISION
+    vision: dict = field(default_factory=dict)  # overrides of herd.models.vision_lm.SMALL_VISION
     # stage 1: vision pre-training
     pretrain_steps: int = 700
     pretrain_batch: int = 64
@@ -564,7 +564,7 @@ def align(vlm, builder: PromptBuilder, anchors: WordAnchors, cfg: VisionTrainCon
     """Stage 2: every trainable part together, by the answer tokens' cross-entropy through the text model, plus
     stage 1's anchor loss on the same pictures (weight cfg.anchor_weight), which keeps the image embeddings
     word-like while the noisier language-model gradient moves the encoder."""
-    from herd.train.lora import lora_modules
+    from herd.models.lora import lora_modules
 
     emb = vlm.vision.vision_embeddings
     lora = [p for m in lora_modules(vlm.text).values() for p in (m.lora_A.weight, m.lora_B.weight)]
@@ -604,8 +604,9 @@ def align(vlm, builder: PromptBuilder, anchors: WordAnchors, cfg: VisionTrainCon
 def fit_vision(llm, cfg: VisionTrainConfig):
     """Build and train a vision model over llm's text model (LoRA is added to it); -> (VisionLM, VisionSpec) whose
     spec.training holds the summary: timings, steps/s, losses, held-out accuracy."""
-    from herd.multimodal import SMALL_VISION, VisionSpec, build_vision_lm, choose_image_tokens, embedding_probe
-    from herd.train.lora import apply_lora
+    from herd.formats.vision_ckpt import VisionSpec
+    from herd.models.vision_lm import SMALL_VISION, build_vision_lm, choose_image_tokens, embedding_probe
+    from herd.models.lora import apply_lora
 
     cfg = cfg.checked()
     t_start = time.perf_counter()
@@ -636,8 +637,9 @@ def fit_vision(llm, cfg: VisionTrainConfig):
 def train_vision(out: str | Path | None = None, config: VisionTrainConfig | None = None, *, llm=None,
                  **overrides) -> dict:
     """`herd train-vision`: load the base model, fit_vision, save to `out` (default:
-    herd.multimodal.default_vision_dir()); returns the summary that vision_config.json also records."""
-    from herd.multimodal import default_vision_dir, save_vision
+    herd.hub.default_vision_dir()); returns the summary that vision_config.json also records."""
+    from herd.formats.vision_ckpt import save_vision
+    from herd.hub import default_vision_dir
 
     cfg = dataclasses.replace(config or VisionTrainConfig(), **overrides).checked()
     if cfg.threads:
