@@ -14,7 +14,7 @@ from herd.quant import blocks
 ALL = sorted(blocks.GGML_TYPES)
 # byte offsets of each block's fp16 scales (SPEC.md §4)
 SCALE_OFFSETS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2],
-                 "Q5_K": [0, 2], "Q6_K": [208]}
+                 "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108], "IQ4_NL": [0], "IQ4_XS": [0]}
 
 
 def ref_dequantize(raw: np.ndarray, name: str, row_blocks: int = 1) -> np.ndarray:

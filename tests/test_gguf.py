@@ -454,13 +454,13 @@ def test_unsupported_type_fails_at_load(tmp_path):
     G.write_gguf(path, config, random_state(config), tiny_tokenizer(config.vocab_size), None, quant="f32")
     blob = bytearray(path.read_bytes())
     g = G.read_gguf(path)
-    # retype blk.0.attn_q (64 x 64 F32, 16 KiB) as IQ4_NL (32 elems in 18 bytes): a real ggml type herd lacks
+    # retype blk.0.attn_q (64 x 64 F32, 16 KiB) as Q8_1 (32 elems in 36 bytes): a real ggml type herd lacks
     info = s8("blk.0.attn_q.weight") + struct.pack("<IQQ", 2, 64, 64)
     at = bytes(blob).index(info) + len(info)
-    blob[at:at + 4] = struct.pack("<I", int(gguf.GGMLQuantizationType.IQ4_NL))
+    blob[at:at + 4] = struct.pack("<I", int(gguf.GGMLQuantizationType.Q8_1))
     path.write_bytes(bytes(blob))
-    assert G.read_gguf(path).tensors["blk.0.attn_q.weight"].type_name == "IQ4_NL"
-    with pytest.raises(FormatError, match="blk.0.attn_q.weight is IQ4_NL, which herd cannot dequantize"):
+    assert G.read_gguf(path).tensors["blk.0.attn_q.weight"].type_name == "Q8_1"
+    with pytest.raises(FormatError, match="blk.0.attn_q.weight is Q8_1, which herd cannot dequantize"):
         G.load_gguf(path)
     del g
 

@@ -15,6 +15,9 @@ import numpy as np
 from herd.errors import FormatError
 
 QK_K = 256  # super-block size of the K-quants
+# The 16 values a 4-bit index of IQ4_NL / IQ4_XS stands for (ggml-common.h `kvalues_iq4nl`): a non-uniform grid,
+# denser near zero, fitted by llama.cpp to the distribution of weights. Values times the block scale.
+IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 
 # name -> (ggml type id, elements per block, bytes per block)
 GGML_TYPES: dict[str, tuple[int, int, int]] = {
@@ -25,9 +28,13 @@ GGML_TYPES: dict[str, tuple[int, int, int]] = {
     "Q5_0": (6, 32, 22),
     "Q5_1": (7, 32, 24),
     "Q8_0": (8, 32, 34),
+    "Q2_K": (10, QK_K, 84),
+    "Q3_K": (11, QK_K, 110),
     "Q4_K": (12, QK_K, 144),
     "Q5_K": (13, QK_K, 176),
     "Q6_K": (14, QK_K, 210),
+    "IQ4_NL": (20, 32, 18),
+    "IQ4_XS": (23, QK_K, 136),
     "BF16": (30, 1, 2),
 }
 TYPE_NAMES: dict[int, str] = {tid: name for name, (tid, _, _) in GGML_TYPES.items()}
@@ -149,8 +156,66 @@ def _dq_q6_k(b):
     return (d * q).reshape(n, QK_K)
 
 
+def _dq_q2_k(b):
+    """Q2_K, 84 bytes: scales[16] | qs[64] | d | dmin. Sub-block j of 16 elements: y = (d * (scales[j] & 15)) * q
+    - dmin * (scales[j] >> 4), q in 0..3. Element 128h + 32s + l (half h, shift s) is bits 2s, 2s+1 of qs[32h + l],
+    so sub-block j = 8h + 2s + (l >= 16)."""
+    n = b.shape[0]
+    sc = b[:, :16]
+    dl = (_f16(b, 80) * (sc & 0xF).astype(np.float32))[:, :, None]  # (n, 16, 1); d * 4-bit int: exact
+    ml = (_f16(b, 82) * (sc >> 4).astype(np.float32))[:, :, None]
+    qs = b[:, 16:80].reshape(n, 2, 1, 32)
+    q = ((qs >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3).reshape(n, 16, 16).astype(np.float32)
+    return (dl * q - ml).reshape(n, QK_K)  # dl * q is exact: one rounding, in the subtraction
+
+
+def _q3_k_scales(s: np.ndarray) -> np.ndarray:
+    """Q3_K's 16 signed 6-bit scales from 12 bytes: low 4 bits of scale j are nibble j // 8 of byte j % 8, its high
+    2 bits are bits 2 (j // 4), +1 of byte 8 + j % 4; stored with an offset of 32. (n, 12) -> (n, 16) float32."""
+    low = np.concatenate([s[:, :8] & 0xF, s[:, :8] >> 4], axis=1)
+    high = np.concatenate([(s[:, 8:12] >> (2 * i)) & 3 for i in range(4)], axis=1)
+    return ((low | (high << 4)).astype(np.int8) - np.int8(32)).astype(np.float32)
+
+
+def _dq_q3_k(b):
+    """Q3_K, 110 bytes: hmask[32] | qs[64] | scales[12] | d. Element e = 128h + 32s + l: low 2 bits are bits 2s, 2s+1
+    of qs[32h + l] (as in Q2_K), and q = low - 4 unless bit e // 32 of hmask[l] is set; y = (d * scale[e // 16]) * q,
+    exact (a product of an fp16, a 6-bit and a 3-bit integer)."""
+    n = b.shape[0]
+    dl = (_f16(b, 108) * _q3_k_scales(b[:, 96:108]))[:, :, None]  # (n, 16, 1)
+    qs = b[:, 32:96].reshape(n, 2, 1, 32)
+    low = ((qs >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3).reshape(n, 8, 32)
+    high = (b[:, :32].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # group g: bit g of hmask[l]
+    q = (low.astype(np.int8) - ((high ^ 1) << 2).astype(np.int8)).astype(np.float32)
+    return (dl * q.reshape(n, 16, 16)).reshape(n, QK_K)
+
+
+_IQ4_F32 = IQ4_NL_VALUES.astype(np.float32)
+
+
+def _dq_iq4_nl(b):
+    """IQ4_NL, 18 bytes: d | qs[16], nibbles as in Q4_0; y = d * IQ4_NL_VALUES[nibble] (exact)."""
+    return _f16(b, 0) * _IQ4_F32[_nibbles(b[:, 2:])]
+
+
+def _dq_iq4_xs(b):
+    """IQ4_XS, 136 bytes: d | scales_h (u16) | scales_l[4] | qs[128]. Sub-block j of 32 elements: 6-bit scale
+    ls = (nibble j % 2 of scales_l[j // 2]) | (bits 2j, 2j+1 of scales_h) << 4, and y = (d * (ls - 32)) *
+    IQ4_NL_VALUES[nibble], its 16 bytes qs[16j..] packed as in IQ4_NL. d * (ls - 32) is exact, then one rounding."""
+    n = b.shape[0]
+    sl = b[:, 4:8]
+    low = np.stack([sl & 0xF, sl >> 4], axis=2).reshape(n, 8)
+    sh = b[:, 2:4].view(np.uint16)  # (n, 1)
+    high = ((sh >> (2 * np.arange(8, dtype=np.uint16))) & 3).astype(np.uint8)
+    ls = ((low | (high << 4)).astype(np.int8) - np.int8(32)).astype(np.float32)
+    dl = (_f16(b, 0) * ls)[:, :, None]  # (n, 8, 1)
+    qs = b[:, 8:].reshape(n, 8, 16)
+    return (dl * _IQ4_F32[np.concatenate([qs & 0xF, qs >> 4], axis=2)]).reshape(n, QK_K)
+
+
 _DEQUANT = {"Q8_0": _dq_q8_0, "Q4_0": _dq_q4_0, "Q4_1": _dq_q4_1, "Q5_0": _dq_q5_0, "Q5_1": _dq_q5_1,
-            "Q4_K": _dq_q4_k, "Q5_K": _dq_q5_k, "Q6_K": _dq_q6_k}
+            "Q2_K": _dq_q2_k, "Q3_K": _dq_q3_k, "Q4_K": _dq_q4_k, "Q5_K": _dq_q5_k, "Q6_K": _dq_q6_k,
+            "IQ4_NL": _dq_iq4_nl, "IQ4_XS": _dq_iq4_xs}
 _WRITES_OUT = ("Q8_0", "Q4_0", "Q4_1")  # these write into the output chunk instead of returning it
 
 

@@ -1,7 +1,9 @@
 """Quantized linear layers: GGML blocks held as stored in GGUF (uint8, no float copy), multiplied by native kernels.
 
 `QuantLinear` replaces `nn.Linear` by module swap (`quantize_model`, `load_quantized_linears`); the model class is
-untouched. Weight formats: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K (layouts: SPEC.md §4).
+untouched. Weight formats: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS (layouts:
+SPEC.md §4 and herd/quant/blocks.py). A C library built before a type was added lacks it: that type then takes the
+PyTorch path (`_has_native`).
 
 Three arithmetic modes (`act=`), each in the C kernels (herd/quant/csrc) and in the PyTorch fallback:
   "int16" (default): activations rounded per row and 32-element block to int16 with a float32 scale
@@ -35,10 +37,11 @@ from torch import nn
 
 from herd.errors import ConfigError, FormatError
 from herd.quant import native
-from herd.quant.blocks import GGML_TYPES, type_name
+from herd.quant.blocks import GGML_TYPES, IQ4_NL_VALUES, type_name
 
 # name -> (ggml type id, elements per block, bytes per block) of the formats the kernels multiply
-QUANT_TYPES = {n: GGML_TYPES[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")}
+QUANT_TYPES = {n: GGML_TYPES[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                                          "Q6_K", "IQ4_NL", "IQ4_XS")}
 _BY_ID = {tid: (name, qk, bs) for name, (tid, qk, bs) in QUANT_TYPES.items()}
 SCHEMES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k")  # what from_float can produce
 
@@ -47,6 +50,9 @@ _ACT_BITS = {1: 8, 2: 16}
 DEFAULT_ACT = os.environ.get("HERD_QUANT_ACT", "int16")
 # float mode from this many rows on: dequantize (C, threaded) and call torch's GEMM (measured crossover)
 F32_GEMM_MIN_ROWS = 32
+# types the C library multiplies with its scalar kernels only (no SIMD yet): from F32_GEMM_MIN_ROWS rows on, in every
+# mode, dequantize row tiles and use torch's GEMM (measured 2048 x 2048, 64 rows, one thread: 220 ms -> 60 ms)
+_SCALAR_ONLY = frozenset(GGML_TYPES[n][0] for n in ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"))
 _DEQUANT_CHUNK_ELEMS = 1 << 24  # float32 scratch per GEMM chunk: 64 MiB
 
 
@@ -60,6 +66,17 @@ def _type_info(ggml_type: int | str) -> tuple[int, str, int, int]:
         raise FormatError(f"QuantLinear cannot multiply ggml type {name} (supported: {', '.join(QUANT_TYPES)})")
     tid, qk, bs = QUANT_TYPES[name]
     return tid, name, qk, bs
+
+
+_native_has: dict[int, bool] = {}  # ggml type id -> whether the loaded C library multiplies it
+
+
+def _has_native(lib, tid: int) -> bool:
+    """Whether the loaded C library handles this type (asked once per type: one library per process)."""
+    ok = _native_has.get(tid)
+    if ok is None:
+        ok = _native_has[tid] = lib.herd_q_block_elems(tid) > 0
+    return ok
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -88,8 +105,18 @@ def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc.float(), mn.float()
 
 
+_IQ4_VALUES = torch.from_numpy(IQ4_NL_VALUES.astype(np.float32))
+
+
+def _two_bit_groups(qs: torch.Tensor) -> torch.Tensor:
+    """Q2_K / Q3_K low bits: (B, 64) bytes -> (B, 8, 32); group 4h + s, element l is bits 2s, 2s+1 of qs[32h + l]."""
+    shifts = (2 * torch.arange(4, device=qs.device, dtype=torch.uint8))[:, None]
+    return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 8, 32)
+
+
 def _dq_blocks(b: torch.Tensor, name: str) -> torch.Tensor:
-    """(B, block bytes) uint8 -> (B, block elems) float32."""
+    """(B, block bytes) uint8 -> (B, block elems) float32. Same operations in the same order as blocks.py, so the
+    same bits (layouts in blocks.py's _dq_* docstrings)."""
     B = b.shape[0]
     if name == "Q8_0":
         return _f16(b, 0) * b[:, 2:].contiguous().view(torch.int8).float()
@@ -120,6 +147,31 @@ def _dq_blocks(b: torch.Tensor, name: str) -> torch.Tensor:
         high = ((qh >> shifts) & 3).reshape(B, 2, 128)
         q = ((low | (high << 4)).float() - 32).reshape(B, 16, 16)
         return (d * q).reshape(B, 256)
+    if name == "Q2_K":  # scales[16] | qs[64] | d | dmin; per 16 elements y = (d * sc) * q - dmin * m
+        sc = b[:, :16]
+        dl = (_f16(b, 80) * (sc & 0xF).float())[:, :, None]  # (B, 16, 1)
+        ml = (_f16(b, 82) * (sc >> 4).float())[:, :, None]
+        q = _two_bit_groups(b[:, 16:80]).reshape(B, 16, 16).float()
+        return (dl * q - ml).reshape(B, 256)
+    if name == "Q3_K":  # hmask[32] | qs[64] | scales[12] | d; q = low 2 bits - 4 where the hmask bit is clear
+        s = b[:, 96:108]
+        low = torch.cat([s[:, :8] & 0xF, s[:, :8] >> 4], dim=1)
+        high = torch.cat([(s[:, 8:12] >> (2 * i)) & 3 for i in range(4)], dim=1)
+        dl = (_f16(b, 108) * ((low | (high << 4)).float() - 32))[:, :, None]  # (B, 16, 1)
+        bit = (b[:, :32].reshape(B, 1, 32) >> torch.arange(8, device=b.device, dtype=torch.uint8)[:, None]) & 1
+        q = _two_bit_groups(b[:, 32:96]).float() - 4 * (1 - bit).float()  # (B, 8, 32)
+        return (dl * q.reshape(B, 16, 16)).reshape(B, 256)
+    if name == "IQ4_NL":  # d | qs[16]: y = d * IQ4_NL_VALUES[nibble]
+        return _f16(b, 0) * _IQ4_VALUES.to(b.device)[_nibbles(b[:, 2:]).long()]
+    if name == "IQ4_XS":  # d | scales_h u16 | scales_l[4] | qs[128]: per 32 elements (d * (ls - 32)) * value
+        sl = b[:, 4:8]
+        low = torch.stack([sl & 0xF, sl >> 4], dim=2).reshape(B, 8).long()
+        sh = b[:, 2].long() | (b[:, 3].long() << 8)
+        high = (sh[:, None] >> (2 * torch.arange(8, device=b.device))) & 3
+        dl = (_f16(b, 0) * ((low | (high << 4)).float() - 32))[:, :, None]  # (B, 8, 1)
+        qs = b[:, 8:].reshape(B, 8, 16)
+        q = _IQ4_VALUES.to(b.device)[torch.cat([qs & 0xF, qs >> 4], dim=2).long()]
+        return (dl * q).reshape(B, 256)
     raise FormatError(f"no dequantizer for {name}")
 
 
@@ -200,7 +252,7 @@ def dequantize_native(raw: torch.Tensor, ggml_type: int, n: int, k: int, threads
                       isa: int = -1) -> torch.Tensor:
     """(n, row bytes) uint8 -> (n, k) float32 with the C kernels (falls back to PyTorch without them)."""
     lib = native.load()
-    if lib is None:
+    if lib is None or not _has_native(lib, _type_info(ggml_type)[0]):
         return dequantize_torch(raw, ggml_type, k)
     raw = raw.contiguous()
     out = torch.empty((n, k), dtype=torch.float32)
@@ -223,12 +275,14 @@ def quant_matmul(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, n: int, act
         raise ConfigError(f"act must be one of {list(ACT_MODES)}, got {act!r}")
     mode = ACT_MODES[act]
     lib = (native._lib if native._tried else native.load()) if use_native is not False else None
-    if lib is not None and not (x.is_cpu and raw.is_cpu):
+    if lib is not None and not (x.is_cpu and raw.is_cpu and _has_native(lib, tid)):
         lib = None
     x2 = x.reshape(-1, k)
     if lib is None:
         if use_native:
-            raise ConfigError(f"native kernels requested but unavailable ({native.load_error() or 'not a CPU tensor'})")
+            why = native.load_error() or ("not a CPU tensor" if not (x.is_cpu and raw.is_cpu) else
+                                          f"this build of the library lacks {name}")
+            raise ConfigError(f"native kernels requested but unavailable ({why})")
         w = _fallback_weight(raw, tid, n, k)
         x2 = x2.float()
         y = F.linear(fake_quantize_activations(x2, _ACT_BITS[mode]) if mode else x2, w)
@@ -243,7 +297,9 @@ def _native_matmul(lib, x2: torch.Tensor, raw: torch.Tensor, tid: int, n: int, k
                    isa: int = -1) -> torch.Tensor:
     """x2 (m, k) float32 contiguous, raw (n, row bytes) contiguous, both CPU and checked by the caller -> (m, n)."""
     m = x2.shape[0]
-    if mode == 0 and m >= F32_GEMM_MIN_ROWS:
+    if m >= F32_GEMM_MIN_ROWS and (mode == 0 or tid in _SCALAR_ONLY):
+        if mode:  # the integer modes' rounding of x, then float products: equal up to float32 rounding
+            x2 = fake_quantize_activations(x2, _ACT_BITS[mode])
         return _f32_gemm(x2, raw, tid, n, k, threads, isa)
     y = torch.empty(m, n)
     rc = lib.herd_q_matmul(x2.data_ptr(), m, k, raw.data_ptr(), tid, n, y.data_ptr(), mode, isa, threads)
@@ -389,7 +445,8 @@ class QuantLinear(nn.Module):
         else:
             lib = native._lib if native._tried else native.load()
         if (lib is not None and x.dtype is torch.float32 and x.is_cpu and w.is_cpu and w.is_contiguous()
-                and w.numel() == self._nbytes and not (x.requires_grad and torch.is_grad_enabled())):
+                and w.numel() == self._nbytes and _has_native(lib, self.ggml_type)
+                and not (x.requires_grad and torch.is_grad_enabled())):
             # eager fast path: one ctypes call (~5 us of overhead in all)
             k, n = self.in_features, self.out_features
             if x.shape[-1] != k:
@@ -455,7 +512,7 @@ class QuantEmbedding(nn.Module):
             raise ConfigError(f"token ids out of range [0, {self.num_embeddings})")
         w = self.weight
         lib = native._lib if native._tried else native.load()
-        if lib is None or not w.is_cpu:
+        if lib is None or not w.is_cpu or not _has_native(lib, self.ggml_type):
             out = dequantize_torch(w[flat.to(w.device)], self.ggml_type, self.embedding_dim)
         else:
             out = torch.empty((flat.numel(), self.embedding_dim), dtype=torch.float32)

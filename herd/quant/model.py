@@ -9,6 +9,7 @@ decode step through model.decode_step, without importing quant.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -109,6 +110,7 @@ def build_quantized_model(config, state_dict: dict, act: str | None = None, thre
     model = build_model(config, {**floats, **placeholders}, dtype)
     for name in load_gguf_experts(model, quant, act=act, threads=threads):
         del quant[name]
+    as_float = []  # "name (TYPE)" of the quantized tensors no quantized module holds
     for name, t in quant.items():
         mod_name = name[:-len(".weight")] if name.endswith(".weight") else name
         try:
@@ -122,14 +124,19 @@ def build_quantized_model(config, state_dict: dict, act: str | None = None, thre
                                                                  threads=threads))
         elif type(mod) is nn.Embedding and type_name(tid) in QUANT_TYPES:
             _set_module(model, mod_name, QuantEmbedding.from_blocks(t.data, tid, shape[0], shape[1], dtype))
-        else:  # e.g. a router or a shape the kernels cannot split: a float copy
+        else:  # e.g. a router, a type or a shape the kernels cannot take: a float copy, never silently
             from herd.quant.blocks import dequantize
 
+            as_float.append(f"{name} ({type_name(tid)})")
             w = torch.from_numpy(dequantize(np.asarray(t.data), tid, shape)).to(dtype)
             if w.dim() == 3:  # experts: GGUF (E, out, in) -> herd (E, in, out)
                 w = w.transpose(1, 2).contiguous()
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, nn.Parameter(w, requires_grad=False))
+    if as_float:
+        more = f" and {len(as_float) - 10} more" if len(as_float) > 10 else ""
+        warnings.warn(f"herd: {len(as_float)} quantized tensor(s) dequantized to float32, no quantized layer takes "
+                      f"them: {', '.join(as_float[:10])}{more}", RuntimeWarning, stacklevel=2)
     if getattr(config, "tie_embeddings", False) and "output.weight" not in state_dict \
             and isinstance(getattr(model, "tok_embeddings", None), QuantEmbedding):
         model.output = model.tok_embeddings.as_linear(act=act, threads=threads)

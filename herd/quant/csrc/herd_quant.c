@@ -124,7 +124,7 @@ static void hq_unpack_row_ref(int type, const uint8_t *wr, int64_t k, int16_t *u
         for (int g = 0; g < G; g++) {
             int64_t gi = b * G + g;
             hq_group_u8_ref(type, blk, g, tmp);
-            for (int j = 0; j < 32; j++) u[gi * 32 + j] = type == HQ_Q8_0 ? (int16_t)(int8_t)tmp[j] : (int16_t)tmp[j];
+            for (int j = 0; j < 32; j++) u[gi * 32 + j] = hq_signed(type) ? (int16_t)(int8_t)tmp[j] : (int16_t)tmp[j];
             hq_group_scales(type, blk, g, &sc[gi].da, &sc[gi].ma, &sc[gi].db, &sc[gi].mb);
         }
     }
@@ -695,6 +695,8 @@ typedef void (*hq_kernel)(const hq_job *, int64_t, int64_t);
 
 /* kernel kinds, per instruction set and type */
 enum { HQ_K_DEC_I8, HQ_K_DEC_F32, HQ_K_GEMM_I8, HQ_K_DEC_I16, HQ_K_GEMM_I16, HQ_K_KINDS };
+/* Q2_K, Q3_K, IQ4_NL and IQ4_XS have no SIMD kernels yet: hq_pick returns 0 for them and herd_q_matmul runs
+ * hq_rows_scalar (exact unpacking through hq_formats.h, the loops left to the compiler's vectorizer). */
 #define HQ_NTYPES 8
 #define HQ_FOR_TYPES(X) X(HQ_Q4_0) X(HQ_Q4_1) X(HQ_Q5_0) X(HQ_Q5_1) X(HQ_Q8_0) X(HQ_Q4_K) X(HQ_Q5_K) X(HQ_Q6_K)
 static int hq_type_index(int type) {
@@ -865,7 +867,7 @@ static void hq_dequant_row(int type, const uint8_t *wr, int64_t k, float *out, i
             float da, ma, db, mb, *o = out + (b * G + g) * 32;
             hq_group_scales(type, blk, g, &da, &ma, &db, &mb);
 #ifdef HQ_HAVE_AVX2
-            if (isa >= 1) {
+            if (isa >= 1 && hq_type_index(type) >= 0) { /* a type with SIMD unpacking */
                 __m256i u = hq_group_u8(type, blk, g);
                 const int sgn = type == HQ_Q8_0;
                 __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
@@ -881,7 +883,7 @@ static void hq_dequant_row(int type, const uint8_t *wr, int64_t k, float *out, i
             uint8_t u[32];
             hq_group_u8_ref(type, blk, g, u);
             for (int j = 0; j < 32; j++) {
-                float uf = type == HQ_Q8_0 ? (float)(int8_t)u[j] : (float)u[j];
+                float uf = hq_signed(type) ? (float)(int8_t)u[j] : (float)u[j];
                 o[j] = j < 16 ? fmaf(da, uf, ma) : fmaf(db, uf, mb);
             }
         }

@@ -6,6 +6,12 @@
  * Symmetric formats (Q4_0, Q5_0, Q6_K) use u = q + c and m = -c * d, with c a power of two, so that
  * fmaf(d, u, m) == d * (q - c) exactly. Q8_0 is the one "signed" format: its u is the int8 q itself
  * (read as int8_t) and m = 0. Only Q6_K has different scales for the two halves of a group.
+ * Later additions, handled by the scalar kernels only (hq_signed / hq_block_elems; the SIMD tables skip them):
+ *   Q2_K   two 16-element sub-blocks per group, each with its own 4-bit scale and min: u = q (0..3),
+ *          d = d_blk * sc, m = -(dmin_blk * mn); fmaf(d, u, m) rounds d*q - dmin*mn once, as gguf-py does.
+ *   Q3_K   two sub-blocks per group with signed 6-bit scales: u = q + 4 (0..7), m = -4 * d (exact).
+ *   IQ4_NL, IQ4_XS   "signed" like Q8_0: u = kvalues_iq4nl[nibble] (int8), m = 0; IQ4_XS has a 6-bit scale per
+ *          group of 32, IQ4_NL one fp16 per 32-element block.
  * Byte layouts: see SPEC.md section 4 "Block formats" (ggml-common.h in llama.cpp is the source).
  */
 #ifndef HQ_FORMATS_H
@@ -27,13 +33,20 @@
 #define HQ_ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* ggml_type ids (SPEC.md section 4). */
-enum { HQ_Q4_0 = 2, HQ_Q4_1 = 3, HQ_Q5_0 = 6, HQ_Q5_1 = 7, HQ_Q8_0 = 8, HQ_Q4_K = 12, HQ_Q5_K = 13, HQ_Q6_K = 14 };
+enum { HQ_Q4_0 = 2, HQ_Q4_1 = 3, HQ_Q5_0 = 6, HQ_Q5_1 = 7, HQ_Q8_0 = 8, HQ_Q2_K = 10, HQ_Q3_K = 11, HQ_Q4_K = 12,
+       HQ_Q5_K = 13, HQ_Q6_K = 14, HQ_IQ4_NL = 20, HQ_IQ4_XS = 23 };
+
+/* The 16 values of a 4-bit IQ4_NL / IQ4_XS index (ggml-common.h kvalues_iq4nl). */
+static const int8_t hq_iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* Formats whose u are int8 values (read as int8_t), with m = 0. */
+static inline int hq_signed(int type) { return type == HQ_Q8_0 || type == HQ_IQ4_NL || type == HQ_IQ4_XS; }
 
 /* Elements per block (QK) and bytes per block; 0 for types herd does not handle. */
 static inline int hq_block_elems(int type) {
     switch (type) {
-    case HQ_Q4_0: case HQ_Q4_1: case HQ_Q5_0: case HQ_Q5_1: case HQ_Q8_0: return 32;
-    case HQ_Q4_K: case HQ_Q5_K: case HQ_Q6_K: return 256;
+    case HQ_Q4_0: case HQ_Q4_1: case HQ_Q5_0: case HQ_Q5_1: case HQ_Q8_0: case HQ_IQ4_NL: return 32;
+    case HQ_Q2_K: case HQ_Q3_K: case HQ_Q4_K: case HQ_Q5_K: case HQ_Q6_K: case HQ_IQ4_XS: return 256;
     default: return 0;
     }
 }
@@ -41,6 +54,7 @@ static inline int hq_block_bytes(int type) {
     switch (type) {
     case HQ_Q4_0: return 18; case HQ_Q4_1: return 20; case HQ_Q5_0: return 22; case HQ_Q5_1: return 24;
     case HQ_Q8_0: return 34; case HQ_Q4_K: return 144; case HQ_Q5_K: return 176; case HQ_Q6_K: return 210;
+    case HQ_Q2_K: return 84; case HQ_Q3_K: return 110; case HQ_IQ4_NL: return 18; case HQ_IQ4_XS: return 136;
     default: return 0;
     }
 }
@@ -81,6 +95,13 @@ HQ_ALWAYS_INLINE void hq_k_scale_min(const uint8_t *s, int j, int *sc, int *mn) 
     }
 }
 
+/* Q3_K: signed 6-bit scale of 16-element sub-block j (0..15) from the 12 packed bytes s: low 4 bits in nibble
+ * j / 8 of s[j % 8], high 2 bits at bits 2 (j / 4) of s[8 + j % 4], stored with an offset of 32. */
+HQ_ALWAYS_INLINE int hq_q3k_scale(const uint8_t *s, int j) {
+    int lo = (s[j % 8] >> (4 * (j / 8))) & 0xF, hi = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
 /* Scales of group g (0..QK/32-1) of one block: the view described at the top of this file. */
 HQ_ALWAYS_INLINE void hq_group_scales(int type, const uint8_t *b, int g, float *da, float *ma, float *db, float *mb) {
     float d, m;
@@ -89,7 +110,29 @@ HQ_ALWAYS_INLINE void hq_group_scales(int type, const uint8_t *b, int g, float *
     case HQ_Q4_0: d = hq_f16(b); m = -8.0f * d; break;
     case HQ_Q5_0: d = hq_f16(b); m = -16.0f * d; break;
     case HQ_Q4_1: case HQ_Q5_1: d = hq_f16(b); m = hq_f16(b + 2); break;
-    case HQ_Q8_0: d = hq_f16(b); m = 0.0f; break;
+    case HQ_Q8_0: case HQ_IQ4_NL: d = hq_f16(b); m = 0.0f; break;
+    case HQ_IQ4_XS: { /* scales_l nibble g % 2 of byte 4 + g / 2, scales_h (u16 at byte 2) bits 2g, 2g + 1 */
+        int ls = ((b[4 + g / 2] >> (4 * (g % 2))) & 0xF) | ((((b[2] | (b[3] << 8)) >> (2 * g)) & 3) << 4);
+        d = hq_f16(b) * (float)(ls - 32);
+        m = 0.0f;
+        break;
+    }
+    case HQ_Q2_K: { /* 84 bytes: scales[16] | qs[64] | d | dmin; sub-blocks 2g, 2g + 1 */
+        float D = hq_f16(b + 80), M = hq_f16(b + 82);
+        *da = D * (float)(b[2 * g] & 0xF);
+        *ma = -(M * (float)(b[2 * g] >> 4));
+        *db = D * (float)(b[2 * g + 1] & 0xF);
+        *mb = -(M * (float)(b[2 * g + 1] >> 4));
+        return;
+    }
+    case HQ_Q3_K: { /* 110 bytes: hmask[32] | qs[64] | scales[12] | d */
+        float D = hq_f16(b + 108);
+        *da = D * (float)hq_q3k_scale(b + 96, 2 * g);
+        *ma = -4.0f * *da;
+        *db = D * (float)hq_q3k_scale(b + 96, 2 * g + 1);
+        *mb = -4.0f * *db;
+        return;
+    }
     case HQ_Q4_K: case HQ_Q5_K:
         hq_k_scale_min(b + 4, g, &sc, &mn);
         d = hq_f16(b) * (float)sc;
@@ -129,6 +172,22 @@ static inline void hq_group_u8_ref(int type, const uint8_t *b, int g, uint8_t *u
         break;
     }
     case HQ_Q8_0: memcpy(u, b + 2, 32); break;
+    case HQ_IQ4_NL: case HQ_IQ4_XS: { /* 16 bytes of nibbles (IQ4_XS: 16 per group after an 8-byte header) */
+        const uint8_t *qs = type == HQ_IQ4_NL ? b + 2 : b + 8 + 16 * g;
+        for (j = 0; j < 16; j++) {
+            u[j] = (uint8_t)hq_iq4_values[qs[j] & 0xF];
+            u[j + 16] = (uint8_t)hq_iq4_values[qs[j] >> 4];
+        }
+        break;
+    }
+    case HQ_Q2_K: case HQ_Q3_K: { /* group g = 4h + s: bits 2s, 2s + 1 of qs[32h + j]; Q3_K: + 4 * bit g of hmask[j] */
+        const uint8_t *qs = b + (type == HQ_Q2_K ? 16 : 32) + 32 * (g / 4);
+        const int s = 2 * (g % 4);
+        for (j = 0; j < 32; j++) u[j] = (uint8_t)((qs[j] >> s) & 3);
+        if (type == HQ_Q3_K)
+            for (j = 0; j < 32; j++) u[j] = (uint8_t)(u[j] + (((b[j] >> g) & 1) << 2));
+        break;
+    }
     case HQ_Q4_K: {
         const uint8_t *qs = b + 16 + 32 * (g / 2);
         for (j = 0; j < 32; j++) u[j] = (g & 1) ? (qs[j] >> 4) : (qs[j] & 0xF);
