@@ -464,6 +464,45 @@ def test_health_metrics_and_page(server, client):
         assert needle in page
 
 
+METRIC_TYPES = {
+    "herd_requests_total": "counter", "herd_prompt_tokens_total": "counter",
+    "herd_generation_tokens_total": "counter", "herd_queue_depth": "gauge", "herd_running_requests": "gauge",
+    "herd_kv_pages_used": "gauge", "herd_kv_pages_total": "gauge", "herd_kv_cache_bytes": "gauge",
+    "herd_prefix_cache_hit_tokens_total": "counter", "herd_prefill_tokens_total": "counter",
+    "herd_preemptions_total": "counter", "herd_rejected_requests_total": "counter",
+    "herd_cancelled_requests_total": "counter", "herd_time_to_first_token_seconds": "histogram",
+    "herd_time_per_output_token_seconds": "histogram", "herd_request_duration_seconds": "histogram"}
+
+
+def test_metrics_names_types_and_labels_are_herds_own(server, client):
+    """/metrics holds exactly herd's families with their types, in Prometheus' text format (no `_created`
+    series), requests labelled by endpoint and status."""
+    chat(client, "Hi", max_tokens=2)
+    r = httpx.get(server.url + "/metrics", headers=server.headers(), timeout=30)
+    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    types = dict(line.split()[2:4] for line in r.text.splitlines() if line.startswith("# TYPE "))
+    assert types == METRIC_TYPES
+    samples = [line for line in r.text.splitlines() if line and not line.startswith("#")]
+    assert not [s for s in samples if "_created" in s]
+    requests = [s for s in samples if s.startswith("herd_requests_total{")]
+    assert requests and all(s.startswith('herd_requests_total{endpoint="') and '",status="' in s for s in requests)
+
+
+def test_two_apps_in_one_process_keep_their_own_metrics():
+    """Each app's metrics live in its own registry: a second one neither collides with nor sees the first's."""
+    from herd.server.metrics import Metrics
+
+    snap = dict(waiting=0, running=0, pages_used=0, pages_total=4, kv_bytes=64, prefix_hit_tokens=0,
+                prefill_tokens=0, preempted=0, rejected=0, cancelled=0)
+    a, b = Metrics(lambda: snap), Metrics(lambda: snap)
+    a.count("/v1/completions", 200)
+    a.prompt_tokens.inc(5)
+    text_a, text_b = a.render().decode(), b.render().decode()
+    assert 'herd_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text_a
+    assert "herd_prompt_tokens_total 5.0" in text_a and "herd_prompt_tokens_total 0.0" in text_b
+    assert "herd_requests_total{" not in text_b and "herd_kv_pages_total 4.0" in text_b
+
+
 PAGE_HARNESS = r"""
 // Runs the chat page's own script in node against a live server, with a minimal stand-in for the DOM.
 const [BASE, KEY, PAGE] = process.argv.slice(2);

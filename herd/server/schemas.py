@@ -1,14 +1,19 @@
-"""Request bodies of the OpenAI-compatible API, validated strictly (types are not coerced: "5" is not a number).
+"""The wire shapes of the OpenAI-compatible API: request bodies in, errors out.
 
-Unknown top-level fields are rejected with a message naming them, as the OpenAI API does; a few fields that some
-clients always send and that change nothing here are accepted and ignored (IGNORED).
+Bodies are validated strictly (types are not coerced: "5" is not a number). Unknown top-level fields are rejected
+with a message naming them, as the OpenAI API does; a few fields that some clients always send and that change
+nothing here are accepted and ignored (IGNORED). `parse_body` reads a request's body (at most MAX_BODY_BYTES) into
+one of the request classes and turns pydantic's errors into one OpenAI-style message; every refusal is an APIError.
+Imports: pydantic only (the request is read through its ASGI `headers` and `stream()`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+import json
+from typing import Annotated, Any, Literal, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
+                      model_validator)
 
 Number = Union[StrictInt, StrictFloat]
 IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
@@ -181,3 +186,81 @@ class CompletionRequest(_Sampling):
 
     def token_limit(self) -> int | None:
         return 16 if self.max_tokens is None else self.max_tokens  # the OpenAI default for completions
+
+
+# -------------------------------------------------------------------------------------------------- errors
+class APIError(Exception):
+    """An error answered in the OpenAI shape."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# -------------------------------------------------------------------------------------------------- parsing
+MAX_BODY_BYTES = 8 << 20
+Req = TypeVar("Req", bound=BaseModel)
+
+_KINDS = {"int_type": "an integer", "float_type": "a number", "string_type": "a string", "bool_type": "a boolean",
+          "list_type": "an array", "dict_type": "an object", "model_type": "an object", "none_required": "null",
+          "int_from_float": "an integer", "literal_error": "one of the allowed values"}
+
+
+def _field(loc) -> str:
+    """'messages.0.content' from a pydantic location, without the union-member tags ('str', 'list[...]')."""
+    keep = [str(x) for x in loc if isinstance(x, int) or (x.isidentifier() and x[:1].islower()
+                                                          and x not in ("int", "float", "str", "bool", "none"))]
+    return ".".join(keep)
+
+
+def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """(message, param) of the first error, in the OpenAI API's words."""
+    errors = e.errors()
+    err = errors[0]
+    loc = _field(err.get("loc", ()))
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return f"The request body is not valid JSON: {err.get('msg')}", None
+    if kind == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {loc}", loc
+    if kind == "missing":
+        return f"Missing required parameter: '{loc}'.", loc
+    if kind == "model_type" and not loc:
+        return "The request body must be a JSON object.", None
+    given = err.get("input")
+    shown = json.dumps(given)[:80] if isinstance(given, (int, float, str, bool)) or given is None else None
+    same = [x for x in errors if _field(x.get("loc", ())) == loc]
+    if len(same) > 1 and all(x.get("type") in _KINDS for x in same):  # a union: say which types are accepted
+        kinds = list(dict.fromkeys(_KINDS[x["type"]] for x in same))
+        if "an integer" in kinds and "a number" in kinds:
+            kinds.remove("an integer")
+        got = f", got {shown}" if shown is not None else f", got {type(given).__name__}"
+        return f"Invalid type for '{loc}': expected {' or '.join(kinds)}{got}", loc or None
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    text = f"Invalid value for '{loc}': {msg}" if loc else msg
+    if shown is not None and loc:
+        text += f" (got {shown})"
+    return text, loc or None
+
+
+async def parse_body(request, cls: type[Req]) -> Req:
+    """The request's JSON body as a `cls`; 413 past MAX_BODY_BYTES, 400 when empty or invalid."""
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise APIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+    if not body.strip():
+        raise APIError(400, "The request body is empty; a JSON object is expected.")
+    try:
+        return cls.model_validate_json(bytes(body))
+    except ValidationError as e:
+        message, param = _validation_message(e)
+        raise APIError(400, message, param=param) from None
