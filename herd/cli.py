@@ -17,14 +17,16 @@ def _sampling(args) -> dict:
     return kw
 
 
-def _add_model(p, positional=False):
+def _add_model(p, positional=False, adapter=True):
+    """--model (or a positional model), --dtype, the quantization flags and (unless adapter=False) --adapter."""
     if positional:
         p.add_argument("model", nargs="?", default=None, help="checkpoint path or catalog name (default model if omitted)")
     else:
         p.add_argument("--model", "-m", default=None, help="checkpoint path or catalog name (default: the default model)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's; GGUF -> float32)")
-    if not positional:
+    if not positional and adapter:
         p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT layout) to run unmerged")
+    if not positional:
         add_quantization(p)
 
 
@@ -64,6 +66,10 @@ def _add_sampling(p):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    _add_threads(p)
+
+
+def _add_threads(p):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
@@ -215,7 +221,7 @@ def cmd_list(args):
 
 def cmd_eval_ppl(args):
     from herd.api import load
-    from herd.eval.ppl import perplexity, read_text
+    from herd.eval.ppl import perplexity, read_text, report_lines
 
     _set_threads(args)
     llm = _load_llm(args)
@@ -225,10 +231,42 @@ def cmd_eval_ppl(args):
     if args.json:
         print(json.dumps(result))
         return
-    line = f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens ({result['chunks']} x {result['ctx']})"
-    if ref is not None:
-        line += f"; KL from {args.kl_vs}: mean {result['kl_mean']:.6f}, max {result['kl_max']:.4f}"
-    print(line)
+    print(report_lines(result, args.kl_vs))
+
+
+def cmd_serve(args):
+    from herd.server import serve
+
+    _set_threads(args)
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch, ctx=args.ctx,
+          kv_tokens=args.kv_tokens, max_queue=args.max_queue, page_size=args.page_size,
+          prefill_chunk=args.prefill_chunk, prefix_cache=not args.no_prefix_cache, dtype=args.dtype,
+          served_model_name=args.served_model_name, chat_template=args.chat_template, log_level=args.log_level,
+          vision=args.vision, **load_options(args))
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page")
+    _add_model(p, adapter=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $HERD_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=None, help="requests decoded together (batch rows; default: "
+                   "sized from the KV budget, at least 16)")
+    p.add_argument("--ctx", type=int, default=None, help="context length per request (default: the model's)")
+    p.add_argument("--kv-tokens", type=int, default=None,
+                   help="KV-cache budget in tokens shared by all requests (default: max(16384, 2 x ctx))")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens computed per engine step")
+    p.add_argument("--no-prefix-cache", action="store_true", help="do not reuse the KV of shared prompt prefixes")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: from --model)")
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template file replacing the model's")
+    p.add_argument("--vision", default=None, metavar="DIR", help="vision model from `herd train-vision` that answers "
+                   "requests with image_url parts (default: the one trained for --model, if any)")
+    _add_threads(p)
+    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.set_defaults(func=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,13 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)
 
-    for extra in ("herd.server.cli", "herd.eval.bench", "herd.train.cli", "herd.quant.cli"):
-        try:
-            mod = __import__(extra, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != extra:
-                raise
-            continue
+    _add_serve(sub)
+    from herd.eval import bench
+    from herd.quant import cli as quant_cli
+    from herd.train import cli as train_cli
+
+    for mod in (bench, train_cli, quant_cli):
         mod.register(sub)
     _no_abbreviations(parser)
     return parser

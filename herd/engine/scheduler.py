@@ -297,20 +297,24 @@ class Handle:
 
 
 # ---------------------------------------------------------------------------------------------------- engine
+# default batch rows: one per ROW_TOKENS of the KV budget, between MIN_ROWS and MAX_ROWS (llama-server's -np 16 is the
+# serving load the defaults are measured at)
+MIN_ROWS, MAX_ROWS, ROW_TOKENS = 16, 64, 512
+
+
 class Engine:
     """Continuous-batching generation over one model. Thread-safe submit/cancel; step() runs one iteration."""
 
-    def __init__(self, model, tokenizer=None, stop_ids: frozenset[int] = frozenset(), *, max_batch: int = 8,
+    def __init__(self, model, tokenizer=None, stop_ids: frozenset[int] = frozenset(), *, max_batch: int | None = None,
                  ctx: int | None = None, kv_tokens: int | None = None, page_size: int = 16, max_queue: int = 64,
                  prefill_chunk: int = 256, prefix_cache: bool = True, granule: int | None = None,
                  kv_granule: int | None = None):
         cfg = model.config
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, frozenset(stop_ids)
         self.ctx = min(ctx or cfg.max_seq_len, cfg.max_seq_len)
-        if max_batch < 1 or self.ctx < 2 or page_size < 1 or max_queue < 0:
+        if (max_batch is not None and max_batch < 1) or self.ctx < 2 or page_size < 1 or max_queue < 0:
             raise GenerationError(f"engine settings out of range: max_batch={max_batch} (>= 1), ctx={self.ctx} "
                                   f"(>= 2), page_size={page_size} (>= 1), max_queue={max_queue} (>= 0)")
-        self.max_batch, self.max_queue, self.page_size = max_batch, max_queue, page_size
         # padding that makes a row's arithmetic independent of the batch (module docstring); 1 = none
         self.granule = max(1, row_granule(model) if granule is None else granule)
         self.kv_granule = max(1, attention_granule(cfg.n_heads, cfg.head_dim, torch.get_num_threads())
@@ -320,6 +324,9 @@ class Engine:
         pages_per_row = -(-(self.ctx + g + self.kv_granule) // page_size)
         need = pages_per_row + 1
         kv_tokens = kv_tokens if kv_tokens is not None else max(16384, (self.ctx + g) * 2)
+        if max_batch is None:  # rows are cheap (a page-table row each): the KV pages bound memory, not the rows
+            max_batch = min(MAX_ROWS, max(MIN_ROWS, kv_tokens // ROW_TOKENS))
+        self.max_batch, self.max_queue, self.page_size = max_batch, max_queue, page_size
         n_pages = max(-(-kv_tokens // page_size) + 1, need)
         weight = model.norm.weight  # always float, also when the linears and embedding are quantized
         self.device = weight.device

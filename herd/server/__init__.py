@@ -29,10 +29,11 @@ def model_name_for(model: str | None) -> str:
 
 
 def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 8, ctx: int | None = None, kv_tokens: int | None = None, max_queue: int = 64,
+          max_batch: int | None = None, ctx: int | None = None, kv_tokens: int | None = None, max_queue: int = 64,
           page_size: int = 16, prefill_chunk: int = 256, prefix_cache: bool = True, dtype: str | None = None,
           served_model_name: str | None = None, chat_template: str | None = None, log_level: str = "warning",
-          max_connections: int = 1024, vision: str | None = None, keep_quantized: bool = False) -> None:
+          max_connections: int = 1024, vision: str | None = None, keep_quantized: bool | None = None,
+          quantization: str | None = None) -> None:
     """Load a model and serve it over HTTP until interrupted. vision: a `herd train-vision` folder that answers
     requests with images (default: the one trained for this model, when there is one)."""
     import uvicorn
@@ -47,7 +48,7 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
         from pathlib import Path
 
         template = Path(chat_template).read_text(encoding="utf-8")
-    llm = load(model, dtype, chat_template=template, keep_quantized=keep_quantized)
+    llm = load(model, dtype, chat_template=template, keep_quantized=keep_quantized, quantization=quantization)
     if ctx is not None and not 2 <= ctx <= llm.config.max_seq_len:
         raise ConfigError(f"--ctx {ctx}: must be between 2 and the model's context, {llm.config.max_seq_len}")
     name = served_model_name or model_name_for(model)
@@ -67,7 +68,7 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
                      prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
     engine = app.state.engine
     loopback = host in ("127.0.0.1", "localhost", "::1")
-    print(f"herd: serving {name} at http://{host}:{port} (batch {max_batch}, context {engine.ctx}, "
+    print(f"herd: serving {name} at http://{host}:{port} (batch {engine.max_batch}, context {engine.ctx}, "
           f"KV pool {engine.cache.nbytes() / 2**20:.0f} MiB, queue {max_queue}"
           f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
     if not loopback and not api_key:
