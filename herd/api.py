@@ -215,13 +215,24 @@ class VisionLLM(LLM):
             return super().encode_prompt(prompt, raw, tools), None
         flat, sources = split_images(with_images(prompt, images))
         if not sources:
-            return super().encode_prompt(flat, False, tools), None
+            ids = super().encode_prompt(flat, False, tools)
+            image_token = self._image_token()
+            if image_token in ids:  # typed as text: an image slot with no image to fill it
+                raise GenerationError(f"the prompt holds the image token (id {image_token}) but has no images bound "
+                                      f"to it; send the picture as an image part")
+            return ids, None
         if len(sources) > self.max_images:
             raise GenerationError(f"{len(sources)} images in one prompt; {self.source} takes at most "
                                   f"{self.max_images} ({self.kind})")
         if self.chat_format is None:
             raise GenerationError(f"{self.source}: this model has no tokenizer and chat format to place images in")
         return self._encode_images(flat, sources, tools)
+
+    def _image_token(self) -> int:
+        """The id that stands for (part of) an image in a prompt: <|patch|> (early fusion) or <|image|> (Mllama)."""
+        if self.kind == "mllama":
+            return self.mm.config.image_token_id
+        return self.mm.tokens.patch if self.kind == "herd" else self.mm.patch_token_id
 
     def _encode_images(self, flat, sources, tools):
         from herd.image_prompts import encode_multimodal_prompt, image_parts

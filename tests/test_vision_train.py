@@ -544,3 +544,63 @@ def test_a_server_without_a_vision_model_refuses_images(smol_text):
         r = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "messages": [
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]})
     assert r.status_code == 400 and "takes no images" in r.json()["error"]["message"]
+
+
+def test_image_requests_batch_with_text_requests_in_the_engine(trained, smol_text, monkeypatch):
+    """4 concurrent chat requests with images and 4 without, through the server's continuous-batching engine: each
+    answer equals the same request alone (generate), image and text rows share decode steps, and /metrics counts all
+    eight requests and their tokens. ~10 s."""
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from herd.engine.vision_step import VisionStep
+    from herd.server.app import create_app
+
+    _, _, out, _ = trained
+    llm = _tiny_llm(smol_text)
+    chat = ImageChat.load(out, llm=llm)
+    requests, expected = [], []
+    for k in range(4):
+        buf = io.BytesIO()
+        make_example(k, 5 + k).image.save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": TEMPLATES["colour"][0] if k % 2 else
+                                              TEMPLATES["shape"][0]}]}]
+        requests.append(msgs)
+        expected.append(chat.generate(msgs, max_tokens=6, ignore_eos=True).text)
+    for k, text in enumerate(["Hello there", "What is 2 + 2?", "Name a colour.", "Say yes."]):
+        msgs = [{"role": "user", "content": text}]
+        requests.append(msgs)
+        expected.append(llm.generate(msgs, max_tokens=6, ignore_eos=True).text)
+    mixed = []  # (rows, rows bound to images) of each decode step with both kinds
+    real = VisionStep.forward
+
+    def spy(self, tokens, input_pos=None, cache=None, cache_rows=None, last_only=False):
+        rows = [int(r) for r in cache_rows] if cache_rows is not None else list(range(tokens.shape[0]))
+        bound = sum(r in self.bound for r in rows)
+        if tokens.shape[1] == 1 and 0 < bound < len(rows):
+            mixed.append((len(rows), bound))
+        return real(self, tokens, input_pos, cache, cache_rows, last_only)
+
+    monkeypatch.setattr(VisionStep, "forward", spy)
+    app = create_app(llm, model_name="tiny", vision=chat, max_batch=8, ctx=512)
+    with TestClient(app) as c:
+        def ask(msgs):
+            r = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 6, "temperature": 0,
+                                                     "ignore_eos": True, "messages": msgs})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(ask, requests))
+        metrics = c.get("/metrics").text
+    assert got == expected
+    assert mixed, "no decode step ran image and text rows together"
+    line = next(l for l in metrics.splitlines() if l.startswith('herd_requests_total{endpoint="/v1/chat/completions"'))
+    assert float(line.split()[-1]) == 8
+    tokens = next(l for l in metrics.splitlines() if l.startswith("herd_generation_tokens_total "))
+    assert float(tokens.split()[-1]) == 8 * 6

@@ -41,12 +41,13 @@ def error_response(err: APIError) -> JSONResponse:
 def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), engine: Engine | None = None,
                vision=None, **engine_kwargs) -> FastAPI:
     """An ASGI app serving `llm` (FastAPI behind the auth/metrics gate); the engine thread starts and stops with
-    the app's lifespan. vision: what answers requests with image parts (herd.multimodal.ImageChat over the same
-    llm); by default the llm itself when it takes images (a vision checkpoint), else none (such requests get 400)."""
+    the app's lifespan. vision: what encodes requests with image parts (herd.api.ImageChat over the same llm); by
+    default the llm itself when it takes images (a vision checkpoint), else none (such requests get 400). With one,
+    the engine drives its VisionStep, so requests with and without images share one continuous batch."""
     if vision is None and getattr(llm, "accepts_images", False):
         vision = llm
     if engine is None:
-        engine = Engine(llm.model, llm.tokenizer, llm.stop_ids, **engine_kwargs)
+        engine = Engine((vision or llm).step(), llm.tokenizer, llm.stop_ids, **engine_kwargs)
     state = ServerState(llm, engine, model_name, api_key or None, aliases, vision)
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 

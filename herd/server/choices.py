@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -52,7 +51,9 @@ class Choices:
         self.ids: list[int] = []
         self.arrival = time.monotonic()
 
-    def submit(self, choice: int, prompt: list[int], params: SamplingParams, req, constraint=None) -> None:
+    def submit(self, choice: int, prompt: list[int], params: SamplingParams, req, constraint=None,
+               images=None) -> None:
+        """Queue one choice on the engine (images: the prompt's, as the vision model encoded them)."""
         bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
 
         def sink(ev, choice=choice, loop=self.loop, queue=self.queue):
@@ -61,7 +62,8 @@ class Choices:
         try:
             h = self.state.engine.submit(prompt, params, sink, constraint=constraint,
                                          presence_penalty=float(req.presence_penalty),
-                                         frequency_penalty=float(req.frequency_penalty), logit_bias=bias)
+                                         frequency_penalty=float(req.frequency_penalty), logit_bias=bias,
+                                         images=images)
         except QueueFull as e:
             self.cancel()
             raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
@@ -100,42 +102,6 @@ class Choices:
                 last[choice] = now
                 metrics.completion_tokens.inc()
             yield choice, ev
-
-
-class ImageChoices(Choices):
-    """The choices of one request with images: a BatchRun of the vision model, stepped in a worker thread that
-    takes the engine's model lock for each step (the text weights are shared with the engine); its events arrive
-    on Choices' queue, one id per choice."""
-
-    def __init__(self, state: ServerState, run, n: int):
-        super().__init__(state)
-        self.run, self.ids = run, list(range(n))
-        self.cancelled = threading.Event()
-        threading.Thread(target=self._work, name="herd-images", daemon=True).start()
-
-    def _put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
-            self.cancelled.set()
-
-    def _work(self) -> None:
-        it = iter(self.run)
-        try:
-            while not self.cancelled.is_set():
-                with self.state.engine.model_lock:
-                    ev = next(it, None)
-                if ev is None:
-                    break
-                self._put((ev.index, ev))
-        except BaseException as e:  # reported to the request, never lost in the thread
-            self._put((0, e))
-            return
-        for i in self.ids:
-            self._put((i, None))
-
-    def cancel(self) -> None:
-        self.cancelled.set()
 
 
 # ---------------------------------------------------------------------------------------------------- answers
