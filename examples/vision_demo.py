@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     from herd.api import ImageChat
     from herd.hub import default_vision_dir
     from herd.train.cli import report_lines
-    from herd.train.vision import VisionTrainConfig, eval_split, normalize_answer, train_vision
+    from herd.train.vision import VisionTrainConfig, eval_split, train_vision
+    from herd.train.vision_data import normalize_answer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,9 +23,10 @@ from herd.chat import image_command
 from herd.formats.vision_ckpt import read_spec, save_vision
 from herd.image_prompts import encode_with_images, has_images, split_images, user_message
 from herd.models.vision_lm import build_vision_lm, choose_image_tokens
-from herd.train.vision import (CANVAS, COLOURS, HELD_OUT, KINDS, POSITIONS, SHAPES, TEMPLATES, PromptBuilder,
-                               VisionTrainConfig, _HiddenOnly, answer_logits, eval_split, hidden_states, make_example,
-                               fit_vision, make_split, shape_points, train_vision)
+from herd.train.vision import (PromptBuilder, VisionTrainConfig, _HiddenOnly, answer_logits, eval_split, fit_vision,
+                               hidden_states, train_vision)
+from herd.train.vision_data import (CANVAS, COLOURS, HELD_OUT, KINDS, POSITIONS, SHAPES, TEMPLATES, make_example,
+                                    make_split, shape_points)
 
 TINY_VISION = dict(image_size=32, patch_size=8, dim=32, n_layers=1, n_heads=2, ffn_dim=64, projector_input_dim=64,
                    projector_output_dim=64)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.ops.rope import apply_rope
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Llama 3.2 Vision (Mllama)
@@ -239,14 +241,6 @@ def llama4_vision_rope(c: Llama4VisionConfig) -> tuple[torch.Tensor, torch.Tenso
     return torch.cos(ang), torch.sin(ang)
 
 
-def _rotate_pairs(x, cos, sin):
-    """Rotate adjacent pairs (2i, 2i+1) of x (B, S, H, hd) by angles (S, hd/2); fp32 math."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None], sin[None, :, None]
-    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).type_as(x)
-
-
 class _BiasedAttention(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -269,7 +263,8 @@ class Llama4VisionBlock(nn.Module):
         a = self.attn
         h = self.ln_1(x)
         q, k, v = (w(h).view(B, S, self.n_heads, -1) for w in (a.wq, a.wk, a.wv))
-        q, k = _rotate_pairs(q, cos, sin), _rotate_pairs(k, cos, sin)
+        cos, sin = cos[None], sin[None]  # (1, S, hd/2): one 2-D RoPE table for every image
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         x = x + a.wo(out.transpose(1, 2).reshape(B, S, D))
         return x + self.mlp(self.ln_2(x))

@@ -28,15 +28,6 @@ def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = N
     return out
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, scaling: RopeScaling | None = None,
-                inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape (max_len, head_dim/2), float32."""
-    if inv_freq is None:
-        inv_freq = inv_frequencies(head_dim, theta, scaling)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return torch.cos(angles), torch.sin(angles)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (2i, 2i+1) of x (B, T, nh, hd) by angles cos/sin (B, T, hd/2); fp32 math, cast back."""
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, nh, hd/2, 2)
