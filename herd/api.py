@@ -213,7 +213,8 @@ class VisionLLM(LLM):
                 raise GenerationError("images go into a chat prompt (a string or messages), not into token ids or "
                                       "a raw prompt")
             return super().encode_prompt(prompt, raw, tools), None
-        flat, sources = split_images(with_images(prompt, images))
+        messages = with_images(prompt, images)
+        flat, sources = split_images(messages)
         if not sources:
             ids = super().encode_prompt(flat, False, tools)
             image_token = self._image_token()
@@ -226,7 +227,7 @@ class VisionLLM(LLM):
                                   f"{self.max_images} ({self.kind})")
         if self.chat_format is None:
             raise GenerationError(f"{self.source}: this model has no tokenizer and chat format to place images in")
-        return self._encode_images(flat, sources, tools)
+        return self._encode_images(messages, flat, sources, tools)
 
     def _image_token(self) -> int:
         """The id that stands for (part of) an image in a prompt: <|patch|> (early fusion) or <|image|> (Mllama)."""
@@ -234,7 +235,8 @@ class VisionLLM(LLM):
             return self.mm.config.image_token_id
         return self.mm.tokens.patch if self.kind == "herd" else self.mm.patch_token_id
 
-    def _encode_images(self, flat, sources, tools):
+    def _encode_images(self, messages, flat, sources, tools):
+        """(ids, image inputs) of messages with images (flat: with a placeholder per image; sources: the images)."""
         from herd.image_prompts import encode_multimodal_prompt, image_parts
 
         if self.kind == "llama4":
@@ -339,10 +341,10 @@ class ImageChat(VisionLLM):
         vlm, spec = load_vision(folder, llm.model)
         return cls(llm, vlm, spec)
 
-    def _encode_images(self, flat, sources, tools):
+    def _encode_images(self, messages, flat, sources, tools):
         from herd.image_prompts import encode_with_images
 
-        ids, _ = encode_with_images(self.tokenizer, self.chat_format, flat, self.image_ids)
+        ids, _ = encode_with_images(self.tokenizer, self.chat_format, messages, self.image_ids)
         return ids, self.features(sources)
 
     @torch.inference_mode()
