@@ -139,7 +139,7 @@ def load_tokenizer_only(path: str | Path | None = None):
     path = resolve(None if path is None else str(path))
     if detect_format(path) == "gguf":
         from herd.formats.gguf import read_gguf
-        from herd.gguf_vocab import tokenizer_from_gguf
+        from herd.formats.gguf_vocab import tokenizer_from_gguf
 
         file = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
         return tokenizer_from_gguf(read_gguf(file).metadata)

@@ -249,7 +249,7 @@ def build_vision_lm(text_model, tokens: ImageTokens, vision: Llama4VisionConfig 
 
 def save_vision(vlm: VisionLM, spec: VisionSpec, folder: str | Path) -> Path:
     """Write the vision checkpoint folder (vision parts + markers, LoRA adapter if any, config json)."""
-    from herd.formats.hf import save_safetensors_atomic, write_text_atomic
+    from herd.formats.io import save_safetensors_atomic, write_text_atomic
     from herd.train.lora import lora_modules, save_adapter
 
     folder = Path(folder)

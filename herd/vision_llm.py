@@ -286,7 +286,7 @@ class VisionLLM(LLM):
 
 def _hf_dtype(folder: Path) -> torch.dtype:
     """The dtype an HF config.json says its weights are in (float32 when it says nothing usable)."""
-    from herd.formats.hf import read_json
+    from herd.formats.io import read_json
 
     cfg = read_json(folder / "config.json")
     for d in (cfg, cfg.get("text_config") or {}):

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from herd.formats.hf import load_hf
+from herd.formats import load_hf
 from herd.models.llama import build_model
 from herd.train.lora import apply_adapter, apply_lora, lora_modules, merge_lora, save_adapter
 from refmodels import save_hf_model

@@ -22,7 +22,7 @@ from torch import nn
 
 from herd.errors import ConfigError, FormatError
 from herd.formats import keymaps
-from herd.formats.hf import save_safetensors_atomic, write_text_atomic
+from herd.formats.io import save_safetensors_atomic, write_text_atomic
 
 # herd short name -> (module path inside a TransformerBlock, HF module name)
 TARGETS: dict[str, tuple[str, str]] = {
