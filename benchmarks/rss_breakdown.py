@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     from herd.formats.gguf import load_gguf, read_gguf
     from herd.ops.sampling import SamplingParams
     from herd.quant.model import build_quantized_model
-    from herd.gguf_vocab import tokenizer_from_gguf
+    from herd.formats.gguf_vocab import tokenizer_from_gguf
 
     t = stage("import herd", t)
     # herd.load(path, keep_quantized=True) step by step (herd/api.py, herd/formats/__init__.py load_checkpoint)

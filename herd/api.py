@@ -358,7 +358,7 @@ class ImageChat(VisionLLM):
 
 def _hf_dtype(folder: Path) -> torch.dtype:
     """The dtype an HF config.json says its weights are in (float32 when it says nothing usable)."""
-    from herd.formats.hf import read_json
+    from herd.formats.io import read_json
 
     cfg = read_json(folder / "config.json")
     for d in (cfg, cfg.get("text_config") or {}):
@@ -416,7 +416,7 @@ def load_tokenizer_only(path: str | Path | None = None):
     path = resolve(None if path is None else str(path))
     if detect_format(path) == "gguf":
         from herd.formats.gguf import read_gguf
-        from herd.gguf_vocab import tokenizer_from_gguf
+        from herd.formats.gguf_vocab import tokenizer_from_gguf
 
         file = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
         return tokenizer_from_gguf(read_gguf(file).metadata)

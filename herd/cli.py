@@ -194,10 +194,21 @@ def cmd_models(args):
 
 
 def cmd_convert(args):
-    from herd.convert import convert
+    from herd.api import parse_dtype
+    from herd.formats.convert import convert
+    from herd.hub import resolve
 
-    out = convert(args.src, args.out, to=args.to, quant=args.quant, dtype=args.dtype, shards=args.shards)
+    out = convert(resolve(args.src), args.out, to=args.to, quant=args.quant, dtype=parse_dtype(args.dtype),
+                  shards=args.shards)
     print(f"wrote {out}")
+
+
+def cmd_quantize(args):
+    from herd.formats.convert import quantize_checkpoint
+    from herd.hub import resolve
+
+    report = quantize_checkpoint(resolve(args.src), args.out, args.scheme, progress=not args.json)
+    print(json.dumps(report.to_dict()) if args.json else report.summary())
 
 
 def cmd_pull(args):
@@ -337,11 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(sub)
     from herd.eval import bench
-    from herd.quant import cli as quant_cli
+    from herd.formats.convert import SCHEMES
     from herd.train import cli as train_cli
 
-    for mod in (bench, train_cli, quant_cli):
+    for mod in (bench, train_cli):
         mod.register(sub)
+    p = sub.add_parser("quantize", help="quantize a checkpoint's weights group-wise (int8/int4) into a GGUF file")
+    p.add_argument("src", help="checkpoint path or catalog name (HF folder, Meta folder or GGUF file)")
+    p.add_argument("out", help="output .gguf file (run it with `herd generate -m OUT`, or with llama.cpp)")
+    p.add_argument("--scheme", default="int4", choices=sorted(SCHEMES),
+                   help="int8 = q8_0, int4 = q4_0 (32-weight groups, fp16 scale); q4_1 adds a minimum per group; "
+                        "q4_k: 256-weight super-blocks (default: int4)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_quantize)
     _no_abbreviations(parser)
     return parser
 

@@ -4,10 +4,12 @@
                        as Meta's `llama_models` Tokenizer does, with its 400k-char / 25k-run cuts (SPEC.md §2, §5).
 * `SentencePieceTokenizer`  Llama 2's sentencepiece `tokenizer.model`, run by the `sentencepiece` library.
 * `HFTokenizer`        anything the `tokenizers` library runs: a Hugging Face `tokenizer.json`, or a vocabulary rebuilt
-                       from GGUF metadata by herd/gguf_vocab.py (SPEC.md §4).
+                       from GGUF metadata by herd/formats/gguf_vocab.py (SPEC.md §4).
 
 Ids are plain ints; `encode` never adds BOS/EOS unless asked. Special-token text such as "<|eot_id|>" is ordinary text
 unless `allow_special=True` (Meta's default `disallowed_special=()`).
+
+Floor 5: imports herd.errors only. GGUF vocabularies build on this module from above (herd/formats/gguf_vocab.py).
 """
 
 from __future__ import annotations
@@ -584,7 +586,8 @@ def _load_hf_json(path: Path) -> HFTokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer from a checkpoint folder, a tokenizer.json, a tokenizer.model or a .gguf file."""
+    """Load a tokenizer from a checkpoint folder, a tokenizer.json or a tokenizer.model (a .gguf file's vocabulary:
+    herd.formats.load_tokenizer)."""
     path = Path(path)
     if path.is_dir():
         if (path / "tokenizer.json").exists():
@@ -596,12 +599,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise TokenizerError(f"{path}: file not found")
     if path.suffix == ".json":
         return _load_hf_json(path)
-    if path.suffix == ".gguf":
-        from herd.gguf_vocab import read_gguf_tokenizer_metadata, tokenizer_from_gguf
-
-        tok = tokenizer_from_gguf(read_gguf_tokenizer_metadata(path))
-        tok.source = str(path)
-        return tok
+    if path.suffix == ".gguf":  # a GGUF vocabulary is a format's business (floor 6), not this module's
+        raise TokenizerError(f"{path}: a GGUF file's vocabulary is read by herd.formats.load_tokenizer")
     data = path.read_bytes()
     if not data:
         raise TokenizerError(f"{path}: file is empty")

@@ -19,7 +19,7 @@ from herd.chat_format import (
     chat_format_for,
 )
 from herd.errors import ConfigError, FormatError, GenerationError
-from herd.gguf_vocab import tokenizer_from_gguf
+from herd.formats.gguf_vocab import tokenizer_from_gguf
 from herd.tokenizer import load_tokenizer
 
 DATA = Path(__file__).parent / "data"

@@ -8,8 +8,7 @@ import torch
 
 from herd.errors import ConfigError, FormatError
 from herd.formats import detect_format, load_checkpoint
-from herd.formats.hf import load_hf, save_hf
-from herd.formats.meta import load_meta, save_meta
+from herd.formats import load_hf, load_meta, save_hf, save_meta
 from herd.models.llama import build_model
 from refmodels import VARIANTS, make_hf_model, save_hf_model
 
@@ -49,7 +48,7 @@ def test_meta_shards_give_the_same_logits(hf_dirs, tmp_path, variant, shards):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_meta_hf_meta_round_trip_is_bit_exact(tmp_path, dtype):
-    from herd.convert import convert
+    from herd.formats.convert import convert
 
     model = make_hf_model("llama3-gqa", seed=3).to(dtype)
     model.save_pretrained(tmp_path / "hf0")

@@ -5,7 +5,7 @@ import torch
 
 from herd.engine.generate import BatchRun, generate_batch, utf8_complete_prefix
 from herd.errors import GenerationError
-from herd.formats.hf import load_hf
+from herd.formats import load_hf
 from herd.models.llama import build_model
 from herd.ops.sampling import SamplingParams, filter_logits
 from refmodels import save_hf_model

@@ -314,7 +314,7 @@ def test_llama_cpp_loads_written_model(tmp_path, smollm_gguf, quant):
     llama_cpp = pytest.importorskip("llama_cpp")
     meta = G.read_gguf(smollm_gguf).metadata
     try:  # herd's tokenizer -> GGUF metadata, when that module is there; else the default model's own fields
-        from herd.gguf_vocab import tokenizer_from_gguf, tokenizer_to_gguf_metadata
+        from herd.formats.gguf_vocab import tokenizer_from_gguf, tokenizer_to_gguf_metadata
 
         tok = tokenizer_to_gguf_metadata(tokenizer_from_gguf(meta))
     except ImportError:

@@ -4,7 +4,7 @@ as herd does from that same file."""
 import pytest
 
 import herd
-from herd.convert import convert
+from herd.formats.convert import convert
 
 PROMPTS = ["What is the capital of France?", "List three fruits.", "Say hello in French."]
 

@@ -10,9 +10,9 @@ import torch
 from herd.config import PRESETS, ModelConfig, MoEConfig, RopeScaling
 from herd.models.kv_cache import KVCache
 from herd.errors import ConfigError, FormatError
-from herd.formats.hf import load_hf, save_hf
-from herd.formats.llama4 import load_gguf_llama4, write_gguf_llama4
-from herd.formats.meta import load_meta, save_meta
+from herd.formats import load_gguf as load_gguf_llama4
+from herd.formats import load_hf, load_meta, save_hf, save_meta
+from herd.formats import write_gguf as write_gguf_llama4
 from herd.models.llama import build_model
 from herd.models.moe import MoE
 
@@ -235,7 +235,7 @@ def load_hf_case(case: str, folder):
 
 
 def test_meta_params_of_the_presets_follow_metas_rules():
-    from herd.formats.llama4 import config_from_params_llama4, params_from_config_llama4
+    from herd.formats.llama4_config import config_from_params_llama4, params_from_config_llama4
 
     for name in ("llama-4-scout-17b-16e", "llama-4-maverick-17b-128e"):
         cfg = PRESETS[name]
@@ -326,7 +326,7 @@ def test_llama_cpp_runs_herds_llama4_gguf(tmp_path):
 def test_gguf_without_herd_keys_reads_what_llama_cpp_assumes(tmp_path, monkeypatch):
     """A llama.cpp-converted file states no chunk size, NoPE interval, QK-norm or temperature: herd assumes what
     llama.cpp hard-codes, and computes the same logits as from the file with herd's keys."""
-    import herd.formats.llama4 as l4
+    import herd.formats.llama4_config as l4
 
     hf_model("interleaved-no-qknorm", **LLAMA_CPP_CASE).save_pretrained(tmp_path / "hf")
     config, sd = load_hf(tmp_path / "hf")
@@ -423,7 +423,7 @@ def test_presets_total_and_active_parameters(capsys):
 
 
 def test_bad_configs_are_named(tmp_path):
-    from herd.formats.llama4 import config_from_hf_llama4, config_from_params_llama4
+    from herd.formats.llama4_config import config_from_hf_llama4, config_from_params_llama4
 
     good = json.loads(json.dumps(hf_model("interleaved-no-qknorm").config.to_dict()))
     with pytest.raises(ConfigError, match="frobnicate"):

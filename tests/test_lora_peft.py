@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from herd.formats.hf import load_hf
+from herd.formats import load_hf
 from herd.models.llama import build_model
 from herd.formats.peft import apply_adapter, save_adapter
 from herd.models.lora import apply_lora, lora_modules, merge_lora

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from herd.models.kv_cache import KVCache
-from herd.formats.hf import load_hf
+from herd.formats import load_hf
 from herd.models.llama import build_model
 from refmodels import VARIANTS, save_hf_model
 

@@ -6,7 +6,7 @@ import torch
 
 from herd.engine.generate import generate_batch, prefill as prefill_into
 from herd.models.kv_cache import KVCache
-from herd.formats.hf import load_hf
+from herd.formats import load_hf
 from herd.models.llama import build_model
 from herd.ops.sampling import SamplingParams
 from refmodels import save_hf_model

@@ -11,7 +11,7 @@ from gguf.quants import dequantize as gguf_dequantize
 import herd
 from herd.config import ModelConfig, MoEConfig
 from herd.errors import ConfigError, FormatError
-from herd.formats.llama4 import write_gguf_llama4
+from herd.formats import write_gguf as write_gguf_llama4
 from herd.models.llama import Transformer
 from herd.models.moe import Experts
 from herd.quant import native

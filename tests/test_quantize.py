@@ -16,7 +16,7 @@ from herd.cli import main as cli
 from herd.errors import ConfigError
 from herd.formats.gguf import read_gguf
 from herd.quant.linear import QuantLinear
-from herd.quant.quantize import quantize_checkpoint
+from herd.formats.convert import quantize_checkpoint
 from test_train import _tiny_folder
 
 EXPECT = {"int8": "Q8_0", "int4": "Q4_0", "q4_1": "Q4_1", "q4_k": "Q4_K"}
@@ -72,7 +72,7 @@ def test_blocks_equal_the_reference_quantizer_and_run_quantized(tiny256, tmp_pat
 
 
 def test_meta_and_hf_sources_give_the_same_file(tiny256, tmp_path):
-    from herd.convert import convert
+    from herd.formats.convert import convert
 
     meta = convert(tiny256, tmp_path / "meta", to="meta")
     for name in ("tokenizer.json", "tokenizer_config.json"):  # this tiny model's tokenizer is not a tiktoken file

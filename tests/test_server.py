@@ -126,7 +126,7 @@ def tiny31(tmp_path_factory):
     import torch
 
     from herd.config import ModelConfig, RopeScaling
-    from herd.formats.meta import save_meta
+    from herd.formats import save_meta
     from herd.models.llama import build_model
 
     out = tmp_path_factory.mktemp("tiny31")

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from herd.errors import TokenizerError
-from herd.gguf_vocab import tokenizer_from_gguf, tokenizer_to_gguf_metadata
-from herd.tokenizer import LLAMA3_SPECIALS, _meta_pieces, load_tokenizer
+from herd.formats import load_tokenizer
+from herd.formats.gguf_vocab import tokenizer_from_gguf, tokenizer_to_gguf_metadata
+from herd.tokenizer import LLAMA3_SPECIALS, _meta_pieces
 
 DATA = Path(__file__).parent / "data"
 

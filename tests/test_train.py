@@ -210,7 +210,7 @@ def test_qlora_over_a_gguf_base_keeps_its_blocks(tiny, chat_data, tmp_path):
     """A Q8_0 GGUF base: the LoRA layers wrap QuantLinear layers holding the file's own bytes."""
     import numpy as np
 
-    from herd.convert import convert
+    from herd.formats.convert import convert
     from herd.formats.gguf import read_gguf
     from herd.train.loop import FinetuneConfig, prepare_model
 

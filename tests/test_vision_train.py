@@ -50,7 +50,7 @@ def smol_text(smollm_gguf):
     """(tokenizer, chat_format, config) of the default model, without loading its weights."""
     from herd.chat_format import chat_format_for
     from herd.formats.gguf import read_gguf
-    from herd.gguf_vocab import tokenizer_from_gguf
+    from herd.formats.gguf_vocab import tokenizer_from_gguf
 
     g = read_gguf(smollm_gguf)
     tok = tokenizer_from_gguf(g.metadata)

@@ -1,18 +1,24 @@
-"""Hugging Face checkpoints: config.json + model.safetensors (or a sharded index), read and written (SPEC.md §3)."""
+"""Hugging Face checkpoints: config.json + model.safetensors (or a sharded index), read and written (SPEC.md §3).
+
+A container: safetensors files, their index, config.json keys shared by every Llama, and the dense Llama
+(LlamaForCausalLM) mapping. It never imports a model family; llama4.py and mllama.py build on its helpers, and
+herd/formats/__init__.py picks the family. Floor 6 (formats); imports herd.config, herd.errors and formats' own
+io / keymaps / shapes.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from herd.config import ModelConfig, RopeScaling
 from herd.errors import ConfigError, FormatError
 from herd.formats import keymaps
+from herd.formats.io import cast, read_json, save_safetensors_atomic, write_text_atomic
+from herd.formats.shapes import check_state_dict
 
 # config.json keys that do not change the math of a Llama forward pass.
 IGNORED_KEYS = {
@@ -31,21 +37,7 @@ USED_KEYS = {
 }
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from a file; FormatError naming the file when it is missing, malformed or not an object."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FormatError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise FormatError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
-def _rope_scaling(d: dict | None, where: str) -> RopeScaling | None:
+def rope_scaling(d: dict | None, where: str) -> RopeScaling | None:
     if not d:
         return None
     kind = d.get("rope_type", d.get("type"))
@@ -76,10 +68,6 @@ def guess_family(vocab_size: int, scaling: RopeScaling | None) -> str:
 def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     """HF LlamaConfig dict -> ModelConfig. Unknown keys are an error naming them."""
     model_type = cfg.get("model_type", "llama")
-    if model_type in ("llama4", "llama4_text"):  # Llama 4: herd/formats/llama4.py
-        from herd.formats.llama4 import config_from_hf_llama4
-
-        return config_from_hf_llama4(cfg, where)
     if model_type != "llama":
         raise ConfigError(f"{where}: model_type {model_type!r} is not a Llama text model (expected 'llama')")
     unknown = sorted(set(cfg) - IGNORED_KEYS - USED_KEYS)
@@ -96,7 +84,7 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     try:
         n_heads = cfg["num_attention_heads"]
         dim = cfg["hidden_size"]
-        scaling = _rope_scaling(scaling_src, where)
+        scaling = rope_scaling(scaling_src, where)
         head_dim = cfg.get("head_dim")
         return ModelConfig(
             dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
@@ -137,7 +125,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, bos_id: int | None = N
     return cfg
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json(index).get("weight_map")
@@ -160,7 +148,7 @@ def _weight_files(folder: Path) -> list[Path]:
 def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF checkpoint by their HF names (memory-mapped by safetensors)."""
     out: dict[str, torch.Tensor] = {}
-    for f in _weight_files(folder):
+    for f in weight_files(folder):
         try:
             with safe_open(f, framework="pt") as sf:
                 for name in sf.keys():
@@ -190,58 +178,21 @@ def hf_to_herd_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig,
     return sd
 
 
-def load_hf(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read an HF Llama folder: (config, state dict in herd names, q/k in Meta order)."""
+def load_llama(folder: str | Path, dtype: torch.dtype | None = None, cfg: dict | None = None
+               ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read an HF Llama folder: (config, state dict in herd names, q/k in Meta order). cfg: its config.json, when
+    the caller has read it already."""
     folder = Path(folder)
-    if read_json(folder / "config.json").get("model_type") in ("llama4", "llama4_text"):
-        from herd.formats.llama4 import load_hf_llama4
-
-        return load_hf_llama4(folder, dtype)
-    config = config_from_hf(read_json(folder / "config.json"), str(folder / "config.json"))
+    where = str(folder / "config.json")
+    config = config_from_hf(read_json(folder / "config.json") if cfg is None else cfg, where)
     sd = hf_to_herd_state_dict(read_hf_tensors(folder), config, str(folder))
-    _check_shapes(sd, config, str(folder))
-    if dtype is not None:
-        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    return config, sd
+    check_state_dict(sd, config, str(folder))
+    return config, cast(sd, dtype)
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every tensor a dense Llama checkpoint holds, by herd name."""
-    D, hd, V = config.dim, config.head_dim, config.vocab_size
-    shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,)}
-    if not config.tie_embeddings:
-        shapes["output.weight"] = (V, D)
-    for i in range(config.n_layers):
-        F_ = config.layer_ffn_dim(i)
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (config.n_heads * hd, D), p + "attention.wk.weight": (config.n_kv_heads * hd, D),
-            p + "attention.wv.weight": (config.n_kv_heads * hd, D), p + "attention.wo.weight": (D, config.n_heads * hd),
-            p + "feed_forward.w1.weight": (F_, D), p + "feed_forward.w3.weight": (F_, D),
-            p + "feed_forward.w2.weight": (D, F_), p + "attention_norm.weight": (D,), p + "ffn_norm.weight": (D,),
-        })
-    return shapes
-
-
-def _check_shapes(sd: dict, config: ModelConfig, where: str) -> None:
-    if config.moe is not None:
-        return  # the model's own loader checks MoE layouts
-    shapes = expected_shapes(config)
-    missing = sorted(set(shapes) - set(sd))
-    if missing:
-        raise FormatError(f"{where}: missing tensors {missing[:6]}{'...' if len(missing) > 6 else ''}")
-    for name, shape in shapes.items():
-        if tuple(sd[name].shape) != shape:
-            raise FormatError(f"{where}: tensor {name} has shape {tuple(sd[name].shape)}, config expects {shape}")
-
-
-def save_hf(folder: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
-            max_shard_bytes: int = 5 * 2**30, bos_id=None, eos_id=None) -> None:
-    """Write config.json + model.safetensors (sharded with an index past max_shard_bytes)."""
-    if config.is_llama4:
-        from herd.formats.llama4 import save_hf_llama4
-
-        return save_hf_llama4(folder, config, state_dict, max_shard_bytes, bos_id, eos_id)
+def save_llama(folder: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
+               max_shard_bytes: int = 5 * 2**30, bos_id=None, eos_id=None) -> None:
+    """Write config.json + model.safetensors (sharded with an index past max_shard_bytes) of a LlamaForCausalLM."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf_sd: dict[str, torch.Tensor] = {}
@@ -284,17 +235,3 @@ def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     write_text_atomic(folder / "model.safetensors.index.json",
                        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
-
-def save_safetensors_atomic(tensors: dict, path: Path) -> None:
-    """Write a safetensors file beside its final name, then move it into place: never a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write UTF-8 text beside its final name, then move it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

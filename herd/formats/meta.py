@@ -1,4 +1,9 @@
-"""Meta's native checkpoints: params.json + consolidated.NN.pth model-parallel shards (SPEC.md §2)."""
+"""Meta's native checkpoints: params.json + consolidated.NN.pth model-parallel shards (SPEC.md §2).
+
+A container: safe shard loading, params.json, shard merge / split and the dense Llama mapping. It never imports a
+model family; llama4.py and mllama.py build on its helpers, and herd/formats/__init__.py picks the family.
+Floor 6 (formats); imports herd.config, herd.errors and formats' own io / keymaps / shapes.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import torch
 from herd.config import ModelConfig, RopeScaling, ffn_hidden_dim
 from herd.errors import ConfigError, FormatError
 from herd.formats import keymaps
-from herd.formats.hf import _check_shapes, read_json, write_text_atomic
+from herd.formats.io import cast, read_json, write_text_atomic
+from herd.formats.shapes import check_state_dict
 
 PARAMS_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "max_batch_size",
@@ -23,6 +29,16 @@ PARAMS_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multip
 # Meta's own Llama 3.2 1B/3B params.json do not state the rope factor; their (dim, n_layers) identify them and
 # the right factor is 32, as in the HF configs (SPEC.md §1, llama-models#166).
 _LLAMA_3_2_SMALL = {(2048, 16), (3072, 28)}
+
+
+def stated_rope_scaling(params: dict, where: str) -> RopeScaling | None:
+    """herd's `rope_scaling` extension of params.json (a RopeScaling's fields), or None when it is absent."""
+    if not isinstance(params.get("rope_scaling"), dict):
+        return None
+    try:
+        return RopeScaling(**params["rope_scaling"])
+    except TypeError as e:
+        raise ConfigError(f"{where}: bad rope_scaling ({e})") from None
 
 
 def config_from_params(params: dict, where: str, state_shapes: dict[str, tuple] | None = None) -> ModelConfig:
@@ -43,13 +59,8 @@ def config_from_params(params: dict, where: str, state_shapes: dict[str, tuple] 
         vocab = shapes["tok_embeddings.weight"][0]
     ffn = ffn_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
     llama3 = "rope_theta" in params or vocab == 128256
-    scaling = None
-    if isinstance(params.get("rope_scaling"), dict):
-        try:
-            scaling = RopeScaling(**params["rope_scaling"])
-        except TypeError as e:
-            raise ConfigError(f"{where}: bad rope_scaling ({e})") from None
-    elif params.get("use_scaled_rope"):
+    scaling = stated_rope_scaling(params, where)
+    if scaling is None and params.get("use_scaled_rope"):
         scaling = RopeScaling(factor=32.0 if (dim, n_layers) in _LLAMA_3_2_SMALL else 8.0)
     tied = bool(shapes) and "output.weight" not in shapes
     if scaling is not None:
@@ -144,14 +155,14 @@ def write_shards(folder: Path, shards: list[dict[str, torch.Tensor]], params: di
     write_text_atomic(folder / "params.json", json.dumps(params, indent=2))
 
 
-def load_meta(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a Meta folder, merging model-parallel shards along each tensor's split axis."""
+def load_llama(folder: str | Path, dtype: torch.dtype | None = None, params: dict | None = None
+               ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a Meta Llama folder, merging model-parallel shards along each tensor's split axis. params: its
+    params.json, when the caller has read it already."""
     folder = Path(folder)
-    params, params_path = read_params(folder)
-    from herd.formats.llama4 import is_llama4_params, load_meta_llama4
-
-    if is_llama4_params(params):  # Llama 4: herd/formats/llama4.py
-        return load_meta_llama4(folder, dtype)
+    params_path = folder / "params.json"
+    if params is None:
+        params = read_json(params_path)
     shards = read_shards(folder)
     names = set(shards[0])
     names.discard("rope.freqs")
@@ -168,18 +179,12 @@ def load_meta(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[Mod
         # Meta's Llama 3.2 1B/3B files carry output.weight as a copy of tok_embeddings: a tied model
         config = config.replace(tie_embeddings=True)
         del sd["output.weight"]
-    _check_shapes(sd, config, str(folder))
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-    return config, sd
+    check_state_dict(sd, config, str(folder))
+    return config, cast(sd, dtype)
 
 
-def save_meta(folder: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], n_shards: int = 1) -> None:
+def save_llama(folder: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], n_shards: int = 1) -> None:
     """Write params.json + consolidated.00.pth ... split into n_shards model-parallel shards."""
-    if config.is_llama4:
-        from herd.formats.llama4 import save_meta_llama4
-
-        return save_meta_llama4(folder, config, state_dict, n_shards)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     params = params_from_config(config)

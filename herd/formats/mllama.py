@@ -4,7 +4,11 @@ HF layout (transformers' MllamaForConditionalGeneration, SPEC.md §6): one flatt
 `cross_attention_layers` indices hold cross-attention blocks; self-attention q/k rows in rotate-half order (permuted
 back to Meta's interleaved pairs here), cross-attention q/k NOT permuted (no RoPE there); embed_tokens has V + 8 rows.
 Meta layout (`consolidated.*.pth` + params.json): separate `layers` and `cross_attention_layers` lists, tile position
-grids [max_tiles, max_tiles, ...] that are expanded here into herd's per-aspect-ratio tables.
+grids [max_tiles, max_tiles, ...] that are expanded here into herd's per-aspect-ratio tables. Also the vision tower of
+HF Llama 4 (Llama4ForConditionalGeneration), whose text part llama4.py reads. Name tables are in keymaps.py.
+
+Floor 6 (formats); imports herd.config, herd.errors, herd.models, herd.ops and formats' containers, io, keymaps,
+shapes and llama4.py (a family builds on the containers; nothing below imports this module).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import torch
 from herd.config import ModelConfig, RopeScaling, ffn_hidden_dim
 from herd.errors import ConfigError, FormatError
 from herd.formats import keymaps
-from herd.formats.hf import _rope_scaling, read_hf_tensors, read_json
-from herd.formats.meta import PARAMS_KEYS
+from herd.formats.hf import read_hf_tensors, rope_scaling
+from herd.formats.io import cast, read_json
+from herd.formats.meta import PARAMS_KEYS, load_shard, read_params
+from herd.formats.shapes import check_tensors
 from herd.models.mllama import IMAGE_TOKEN_ID, Mllama, MllamaConfig, fusion_schedule
 from herd.models.vision import MllamaVisionConfig
 
@@ -58,7 +64,7 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> MllamaConfig:
         raise ConfigError(f"{where}: Mllama uses silu (text) and gelu (vision) activations")
     try:
         rope = t.get("rope_parameters") or {}
-        scaling = _rope_scaling(t.get("rope_scaling") or rope, where)
+        scaling = rope_scaling(t.get("rope_scaling") or rope, where)
         theta = float(t.get("rope_theta", rope.get("rope_theta", 500000.0)))
         cross = [int(i) for i in t.get("cross_attention_layers", [3, 8, 13, 18, 23, 28, 33, 38])]
         total = int(t.get("num_hidden_layers", 40))
@@ -107,45 +113,13 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> MllamaConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # HF tensors -> herd names
 
-_VISION_BLOCK = {
-    "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
-    "self_attn.o_proj": "attn.wo", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-    "input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
-}
-_VISION_TOP = {
-    "class_embedding": "class_embedding",
-    "gated_positional_embedding.embedding": "positional_embedding",
-    "gated_positional_embedding.tile_embedding.weight": "gated_positional_embedding",
-    "gated_positional_embedding.gate": "gated_positional_embedding_gate",
-    "pre_tile_positional_embedding.embedding.weight": "pre_tile_pos_embed.embedding",
-    "pre_tile_positional_embedding.gate": "pre_tile_pos_embed.gate",
-    "post_tile_positional_embedding.embedding.weight": "post_tile_pos_embed.embedding",
-    "post_tile_positional_embedding.gate": "post_tile_pos_embed.gate",
-    "layernorm_pre.weight": "ln_pre.weight", "layernorm_pre.bias": "ln_pre.bias",
-    "layernorm_post.weight": "ln_post.weight", "layernorm_post.bias": "ln_post.bias",
-    "patch_embedding.weight": "conv1._linear.weight",
-}
-_CROSS = {
-    "cross_attn.q_proj.weight": "attention.wq.weight", "cross_attn.k_proj.weight": "attention.wk.weight",
-    "cross_attn.v_proj.weight": "attention.wv.weight", "cross_attn.o_proj.weight": "attention.wo.weight",
-    "cross_attn.q_norm.weight": "attention.q_norm.weight", "cross_attn.k_norm.weight": "attention.k_norm.weight",
-    "cross_attn_attn_gate": "gate_attn", "cross_attn_mlp_gate": "gate_ffwd",
-    "input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.up_proj.weight": "feed_forward.w3.weight",
-    "mlp.down_proj.weight": "feed_forward.w2.weight",
-}
-# transformers 5 module paths (model.language_model...) and the saved ones (language_model.model...)
-_PREFIXES = [("model.language_model.", "language_model.model."), ("model.vision_model.", "vision_model."),
-             ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")]
-
-
 def hf_to_herd_state_dict(tensors: dict[str, torch.Tensor], config: MllamaConfig, where: str) -> dict:
     """HF Mllama tensor names -> herd (Meta) names, self-attention q/k permuted to interleaved pairs."""
     t = config.text
     cross_index = {j + k: k for k, j in enumerate(config.xattn_before)}  # flattened HF index -> cross block
     sd: dict[str, torch.Tensor] = {}
     for name, w in tensors.items():
-        for new, old in _PREFIXES:
+        for new, old in keymaps.MLLAMA_HF_PREFIXES:
             if name.startswith(new):
                 name = old + name[len(new):]
         out = None
@@ -160,8 +134,8 @@ def hf_to_herd_state_dict(tensors: dict[str, torch.Tensor], config: MllamaConfig
         elif m := re.fullmatch(r"language_model\.model\.layers\.(\d+)\.(.+)", name):
             j, rest = int(m.group(1)), m.group(2)
             if j in cross_index:
-                if rest in _CROSS:
-                    out = f"text_model.cross_attention_layers.{cross_index[j]}.{_CROSS[rest]}"
+                if rest in keymaps.MLLAMA_CROSS:
+                    out = f"text_model.cross_attention_layers.{cross_index[j]}.{keymaps.MLLAMA_CROSS[rest]}"
             else:
                 i = j - sum(1 for c in cross_index if c < j)  # index among the self-attention layers
                 herd = keymaps.hf_to_herd_name(f"model.layers.{i}.{rest}")
@@ -173,13 +147,13 @@ def hf_to_herd_state_dict(tensors: dict[str, torch.Tensor], config: MllamaConfig
                         w = keymaps.permute_hf_to_meta(w, t.n_kv_heads)
         elif m := re.fullmatch(r"vision_model\.(transformer|global_transformer)\.layers\.(\d+)\.(.+)\.(weight|bias)",
                                name):
-            if m.group(3) in _VISION_BLOCK:
+            if m.group(3) in keymaps.VISION_BLOCK:
                 out = (f"vision_model.vision_encoder.{m.group(1)}.resblocks.{m.group(2)}."
-                       f"{_VISION_BLOCK[m.group(3)]}.{m.group(4)}")
+                       f"{keymaps.VISION_BLOCK[m.group(3)]}.{m.group(4)}")
         elif m := re.fullmatch(r"vision_model\.global_transformer\.layers\.(\d+)\.(gate_attn|gate_ffn)", name):
             out = f"vision_model.vision_encoder.global_transformer.resblocks.{m.group(1)}.{m.group(2)}"
-        elif name.startswith("vision_model.") and name[len("vision_model."):] in _VISION_TOP:
-            out = "vision_model.vision_encoder." + _VISION_TOP[name[len("vision_model."):]]
+        elif name.startswith("vision_model.") and name[len("vision_model."):] in keymaps.MLLAMA_VISION_TOP:
+            out = "vision_model.vision_encoder." + keymaps.MLLAMA_VISION_TOP[name[len("vision_model."):]]
             if out.endswith("conv1._linear.weight"):
                 w = w.reshape(w.shape[0], -1)  # conv (D, C, p, p) -> Meta's Linear over unfolded patches
         if out is None:
@@ -193,9 +167,7 @@ def load_mllama_hf(folder: str | Path, dtype: torch.dtype | None = None) -> tupl
     folder = Path(folder)
     config = config_from_hf(read_json(folder / "config.json"), str(folder / "config.json"))
     sd = hf_to_herd_state_dict(read_hf_tensors(folder), config, str(folder))
-    if dtype is not None:
-        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    return config, sd
+    return config, cast(sd, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,8 +241,6 @@ def meta_to_herd_state_dict(sd: dict[str, torch.Tensor], config: MllamaConfig, w
 
 def load_mllama_meta(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[MllamaConfig, dict]:
     """Read a single-shard Meta Llama 3.2 Vision folder (params.json + consolidated.00.pth)."""
-    from herd.formats.meta import load_shard, read_params
-
     folder = Path(folder)
     params, params_path = read_params(folder)
     config = config_from_meta(params, str(params_path))
@@ -279,9 +249,7 @@ def load_mllama_meta(folder: str | Path, dtype: torch.dtype | None = None) -> tu
         raise FormatError(f"{folder}: expected one consolidated.*.pth shard, found {len(shards)} "
                           "(model-parallel Mllama shards are not supported)")
     sd = meta_to_herd_state_dict(load_shard(shards[0]), config, str(folder))
-    if dtype is not None:
-        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    return config, sd
+    return config, cast(sd, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,18 +277,6 @@ def build_mllama(config: MllamaConfig, state_dict: dict[str, torch.Tensor] | Non
     return model.eval()
 
 
-def load_mllama(path: str | Path, dtype: torch.dtype | None = None) -> Mllama:
-    """An HF (config.json) or Meta (params.json) Llama 3.2 Vision folder -> a ready Mllama model."""
-    path = Path(path)
-    if (path / "config.json").exists():
-        config, sd = load_mllama_hf(path)
-    elif (path / "params.json").exists():
-        config, sd = load_mllama_meta(path)
-    else:
-        raise FormatError(f"{path}: no config.json (Hugging Face) or params.json (Meta)")
-    return build_mllama(config, sd, dtype or torch.float32)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Llama 4 early fusion (HF Llama4ForConditionalGeneration): the text part is read by herd/formats/llama4.py
 
@@ -329,25 +285,6 @@ _L4_VISION_USED = {"hidden_size", "hidden_act", "num_hidden_layers", "num_attent
                    "vision_feature_select_strategy", "pixel_shuffle_ratio", "projector_input_dim",
                    "projector_output_dim", "multi_modal_projector_bias", "projector_dropout", "attention_dropout",
                    "rope_parameters", "rope_theta", "vision_feature_layer"}
-_L4_VISION_BLOCK = {
-    "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
-    "self_attn.o_proj": "attn.wo", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-    "input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
-}
-_L4_VISION_TOP = {
-    "vision_model.patch_embedding.linear.weight": "vision_embeddings.vision_encoder.conv1._linear.weight",
-    "vision_model.class_embedding": "vision_embeddings.vision_encoder.class_embedding",
-    "vision_model.positional_embedding_vlm": "vision_embeddings.vision_encoder.positional_embedding_vlm",
-    "vision_model.layernorm_pre.weight": "vision_embeddings.vision_encoder.ln_pre.weight",
-    "vision_model.layernorm_pre.bias": "vision_embeddings.vision_encoder.ln_pre.bias",
-    "vision_model.layernorm_post.weight": "vision_embeddings.vision_encoder.ln_post.weight",
-    "vision_model.layernorm_post.bias": "vision_embeddings.vision_encoder.ln_post.bias",
-    "vision_model.vision_adapter.mlp.fc1.weight": "vision_embeddings.vision_adapter.mlp.c_fc.weight",
-    "vision_model.vision_adapter.mlp.fc2.weight": "vision_embeddings.vision_adapter.mlp.c_proj.weight",
-    "multi_modal_projector.linear_1.weight": "vision_projection.weight",
-}
-
-
 def llama4_vision_config_from_hf(cfg: dict, where: str = "config.json"):
     """HF Llama4Config dict -> (Llama4VisionConfig, patch token id). Shapes the reference would silently mis-wire
     (adapter sizes that only work when equal) are errors here."""
@@ -396,11 +333,11 @@ def llama4_vision_state_dict(tensors: dict[str, torch.Tensor], where: str) -> di
         name = name.removeprefix("model.")
         if not name.startswith(("vision_model.", "multi_modal_projector.")):
             continue
-        out = _L4_VISION_TOP.get(name)
+        out = keymaps.LLAMA4_VISION_TOP.get(name)
         if m := re.fullmatch(r"vision_model\.model\.layers\.(\d+)\.(.+)\.(weight|bias)", name):
-            if m.group(2) in _L4_VISION_BLOCK:
+            if m.group(2) in keymaps.VISION_BLOCK:
                 out = (f"vision_embeddings.vision_encoder.transformer.resblocks.{m.group(1)}."
-                       f"{_L4_VISION_BLOCK[m.group(2)]}.{m.group(3)}")
+                       f"{keymaps.VISION_BLOCK[m.group(2)]}.{m.group(3)}")
         if out is None:
             raise FormatError(f"{where}: unexpected tensor {name!r} for a Llama 4 vision model")
         sd[out] = w
@@ -414,8 +351,9 @@ def load_llama4_multimodal_hf(folder: str | Path, dtype: torch.dtype = torch.flo
     from herd.models.vision import Llama4Multimodal, Llama4VisionModel
 
     folder = Path(folder)
-    vcfg, patch_id = llama4_vision_config_from_hf(read_json(folder / "config.json"), str(folder / "config.json"))
-    text_config, text_sd = load_hf_llama4(folder)
+    cfg = read_json(folder / "config.json")  # read once: the vision tower's config and the text model's
+    vcfg, patch_id = llama4_vision_config_from_hf(cfg, str(folder / "config.json"))
+    text_config, text_sd = load_hf_llama4(folder, cfg=cfg)
     text = build_model(text_config, text_sd, dtype)
     vsd = llama4_vision_state_dict(read_hf_tensors(folder), str(folder))
     with torch.device("meta"):
@@ -430,15 +368,7 @@ def load_llama4_multimodal_hf(folder: str | Path, dtype: torch.dtype = torch.flo
 
 
 def _assign(module: torch.nn.Module, sd: dict, dtype: torch.dtype, where: str) -> None:
-    expected = module.state_dict()
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise FormatError(f"{where}: vision tensors do not match the config: missing {missing[:6]}, "
-                          f"unexpected {unexpected[:6]}")
-    for name, ref in expected.items():
-        if tuple(sd[name].shape) != tuple(ref.shape):
-            raise FormatError(f"{where}: tensor {name} has shape {tuple(sd[name].shape)}, the config expects "
-                              f"{tuple(ref.shape)}")
+    check_tensors(sd, {k: tuple(v.shape) for k, v in module.state_dict().items()}, f"{where} (vision tower)")
     module.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
     for p in module.parameters():
         p.requires_grad_(False)

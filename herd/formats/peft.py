@@ -17,7 +17,7 @@ from torch import nn
 
 from herd.errors import ConfigError, FormatError
 from herd.formats import keymaps
-from herd.formats.hf import save_safetensors_atomic, write_text_atomic
+from herd.formats.io import save_safetensors_atomic, write_text_atomic
 from herd.models.lora import TARGETS, apply_lora, lora_modules
 
 HF_PREFIX = "base_model.model."  # PEFT's prefix in front of the transformers model's own names

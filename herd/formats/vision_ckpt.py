@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from herd.errors import ConfigError, FormatError
-from herd.formats.hf import save_safetensors_atomic, write_text_atomic
+from herd.formats.io import save_safetensors_atomic, write_text_atomic
 from herd.formats.peft import ADAPTER_CONFIG, apply_adapter, save_adapter
 from herd.models.lora import lora_modules, set_lora
 from herd.models.vision import Llama4VisionConfig, Llama4VisionModel, llama4_vision_rope

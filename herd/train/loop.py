@@ -308,8 +308,8 @@ def _progress(enabled: bool, total: int, initial: int):
 def _write_result(llm, model_path, cfg: FinetuneConfig, out: Path) -> None:
     """LoRA: the adapter in the PEFT layout; full: an HF folder with the tokenizer."""
     if cfg.method == "full":
-        from herd.convert import _copy_tokenizer
-        from herd.formats.hf import save_hf
+        from herd.formats.convert import copy_tokenizer as _copy_tokenizer
+        from herd.formats import save_hf
 
         tok = llm.tokenizer
         sd = {k: v.detach() for k, v in llm.model.state_dict().items()}

@@ -97,16 +97,16 @@ def merge(base, adapter, out, *, to: str = "hf", quant: str | None = None, dtype
     out = Path(out)
     ckpt = llm.checkpoint
     if to == "hf":
-        from herd.convert import _copy_tokenizer
-        from herd.formats.hf import save_hf
+        from herd.formats.convert import copy_tokenizer as _copy_tokenizer
+        from herd.formats import save_hf
 
         target = parse_dtype(dtype) or torch.float32
         save_hf(out, llm.config, {k: v.to(target) for k, v in sd.items()}, bos_id=llm.tokenizer.bos_id,
                 eos_id=llm.tokenizer.eos_id)
         _copy_tokenizer(ckpt, out, "hf")
     else:
-        from herd.formats.gguf import write_gguf
-        from herd.gguf_vocab import tokenizer_to_gguf_metadata
+        from herd.formats import write_gguf
+        from herd.formats.gguf_vocab import tokenizer_to_gguf_metadata
 
         write_gguf(out, llm.config, sd, tokenizer_to_gguf_metadata(llm.tokenizer), ckpt.chat_template,
                    quant=quant or "f16", name=Path(llm.source).stem + "-merged")

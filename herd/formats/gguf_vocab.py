@@ -4,6 +4,9 @@
 byte-level BPE with llama.cpp's pre-tokenizer regexes (by `tokenizer.ggml.pre`), or "llama" sentencepiece-style BPE
 with byte fallback (merges derived from the scores). `tokenizer_to_gguf_metadata` goes the other way for the GGUF
 writer: tiktoken (Llama 3/4), sentencepiece (Llama 2) and tokenizer.json vocabularies.
+
+Floor 6 (formats): it builds on herd.tokenizer (floor 5), which does not know GGUF; whoever reads a GGUF file's
+vocabulary (herd.formats.load_checkpoint / load_tokenizer, herd.api) calls this module.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import gc
 import json
 import re
-from pathlib import Path
 from typing import Any, Sequence
 
 from herd.errors import TokenizerError
@@ -282,18 +284,3 @@ def _detect_pre(pre: dict | None) -> str | None:
         if kinds == ["ByteLevel"]:
             return "gpt-2"
     return None
-
-
-def read_gguf_tokenizer_metadata(path: Path) -> dict:
-    """The `tokenizer.*` metadata of a GGUF file as python values."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise TokenizerError(f"{path}: cannot read GGUF ({e})") from None
-    md = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
-            md[key] = field.contents()
-    return md
