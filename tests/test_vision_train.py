@@ -17,7 +17,7 @@ import torch
 from herd.errors import ConfigError, FormatError, GenerationError
 from herd.images import llama4_preprocess
 from herd.models.vision import Llama4VisionConfig
-from herd.models.lora import lora_modules
+from herd.models.lora import lora_modules, lora_switched
 from herd.api import ImageChat
 from herd.chat import image_command
 from herd.formats.vision_ckpt import read_spec, save_vision
@@ -305,8 +305,10 @@ def test_save_load_round_trip_gives_the_same_logits(trained, smol_text, tmp_path
 
 
 def test_generation_with_an_image_matches_a_plain_greedy_loop(trained, smol_text):
-    """ImageChat's generation (BatchRun + the image prefill hook, KV cache) equals greedy decoding by full
-    forwards of the fused model, for a batch mixing prompts with and without images."""
+    """ImageChat's generation (BatchRun over the VisionStep, KV cache) equals greedy decoding by full forwards of
+    the fused model, for a batch mixing prompts with and without images. The vision LoRA is on per row, for the
+    rows with images only: a prompt without images answers as the base model whatever shares its batch (batch
+    invariance, which the server's engine needs: a request's answer must not depend on its neighbours)."""
     _, _, out, _ = trained
     chat = ImageChat.load(out, llm=_tiny_llm(smol_text))
     imgs = [make_example(2, i).image for i in range(2)]
@@ -316,15 +318,16 @@ def test_generation_with_an_image_matches_a_plain_greedy_loop(trained, smol_text
     for p, im, c in zip(prompts, images, got):
         ids, feats = chat.encode(p, im)
         seq = list(ids)
-        with torch.no_grad():
+        with torch.no_grad(), lora_switched(chat.vlm.text, feats is not None):
             for _ in range(6):
-                logits = chat.vlm(torch.tensor([seq]), feats=feats)[0, -1]
+                logits = chat.vlm.text(torch.tensor([seq]), embeds=chat.vlm.fuse(torch.tensor([seq]), feats))[0, -1]
                 seq.append(int(logits.argmax()))
         assert c.prompt_ids == ids and c.output_ids == seq[len(ids):]
     assert got[0].output_ids != got[1].output_ids or got[0].prompt_ids != got[1].prompt_ids
-    # a run without images is the base model's (the vision LoRA is off); with an image in the batch it is on
+    # a prompt without images is the base model's (the vision LoRA is off), alone or beside images
     base = _tiny_llm(smol_text).generate(prompts[2], max_tokens=6, ignore_eos=True)
     assert chat.generate(prompts[2], max_tokens=6, ignore_eos=True).output_ids == base.output_ids
+    assert got[2].output_ids == base.output_ids
     # streaming gives the same text, and a picture given as PNG bytes or a file path is the same picture
     import io
 

@@ -16,13 +16,14 @@ from safetensors.torch import save_file
 from herd.errors import FormatError
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from a file; FormatError naming the file when it is missing, malformed or not an object."""
+def read_json(path: Path, missing: str = "file not found") -> dict:
+    """A JSON object from a file; FormatError naming the file when it is missing (saying `missing`), malformed or not
+    an object."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise FormatError(f"{path}: file not found") from None
+        raise FormatError(f"{path}: {missing}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):

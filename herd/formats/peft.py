@@ -17,7 +17,7 @@ from torch import nn
 
 from herd.errors import ConfigError, FormatError
 from herd.formats import keymaps
-from herd.formats.io import save_safetensors_atomic, write_text_atomic
+from herd.formats.io import read_json, save_safetensors_atomic, write_text_atomic
 from herd.models.lora import TARGETS, apply_lora, lora_modules
 
 HF_PREFIX = "base_model.model."  # PEFT's prefix in front of the transformers model's own names
@@ -87,13 +87,7 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str = "", dty
 
 def read_adapter_config(folder: str | Path) -> dict:
     path = Path(folder) / ADAPTER_CONFIG
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FormatError(f"{path}: not found (an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})") \
-            from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json(path, missing=f"not found (an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise FormatError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported (herd reads LORA)")
     for key, bad in (("use_dora", True), ("use_rslora", True), ("fan_in_fan_out", True)):

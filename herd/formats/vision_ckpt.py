@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from herd.errors import ConfigError, FormatError
-from herd.formats.io import save_safetensors_atomic, write_text_atomic
+from herd.formats.io import read_json, save_safetensors_atomic, write_text_atomic
 from herd.formats.peft import ADAPTER_CONFIG, apply_adapter, save_adapter
 from herd.models.lora import lora_modules, set_lora
 from herd.models.vision import Llama4VisionConfig, Llama4VisionModel, llama4_vision_rope
@@ -110,14 +110,7 @@ def save_vision(vlm: VisionLM, spec: VisionSpec, folder: str | Path) -> Path:
 
 def read_spec(folder: str | Path) -> VisionSpec:
     path = Path(folder) / CONFIG_FILE
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FormatError(f"{path}: not found; a vision checkpoint folder is written by `herd train-vision`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise FormatError(f"{path}: expected a JSON object")
+    d = read_json(path, missing="not found; a vision checkpoint folder is written by `herd train-vision`")
     return VisionSpec.from_json(d, str(path))
 
 
