@@ -7,7 +7,7 @@ STAMP := $(VENV)/.herd-installed
 LLAMACPP := $(VENV)/.llamacpp-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model run test test-all bench finetune-demo vision-demo clean
+.PHONY: setup model run test test-all bench finetune-demo vision-demo clean peers
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,20 @@ finetune-demo: model
 # Trains a small early-fusion vision encoder (+ LoRA) on generated images and reports held-out accuracy.
 vision-demo: model
 	$(PY) examples/vision_demo.py
+
+# llama.cpp's own tools (llama-bench, llama-server, llama-perplexity, llama-quantize, llama-batched-bench),
+# built natively from the llama.cpp that the pinned llama-cpp-python sdist vendors: the peers in
+# benchmarks/peers.py. About 8 minutes on 2 cores, once; flags and versions go to .peers/BUILD_INFO.json.
+PEERS := .peers
+PEERS_VERSION := 0.3.36
+PEERS_JOBS ?= 2
+PEERS_STAMP := $(PEERS)/.built-$(PEERS_VERSION)
+
+$(PEERS_STAMP): benchmarks/build_peers.py
+	$(PYTHON) benchmarks/build_peers.py --out $(PEERS) --version $(PEERS_VERSION) --jobs $(PEERS_JOBS)
+	touch $@
+
+peers: $(PEERS_STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
