@@ -62,7 +62,8 @@ class PagedKVCache:
 
     k[layer], v[layer]: (n_pages, P, KV, hd); page 0 is the null page (unassigned table entries point there, and
     padding rows write there; its content is only ever read at masked positions). table: (rows, pages_per_row).
-    Implements the `update` contract of KVCache, so the model runs on it unchanged.
+    Implements the `update` contract of KVCache, so the model runs on it unchanged; a quantized model's native decode
+    step reads and writes these buffers in place through the same table (herd/quant/decode.py).
     """
 
     def __init__(self, config, n_pages: int, page_size: int, rows: int, pages_per_row: int,
@@ -657,12 +658,16 @@ class Engine:
     @torch.inference_mode()
     def _decode(self, live: list[Request]) -> None:
         # padding rows (scratch row, null pages) bring the row count to a multiple of the row granule and the key
-        # length to one of the kv granule
+        # length to one of the kv granule; a decode step that keeps rows batch-invariant itself (the native one over
+        # this paged cache) needs none
         pos = [len(r.cached) for r in live]
         end = max(pos) + 1
         pad, target = -len(live) % self.granule, _round_up(end, self.kv_granule)
         if target > end and pad == 0:
             pad = self.granule
+        invariant = getattr(getattr(self.model, "decode_step", None), "batch_invariant", None)
+        if pad and invariant is not None and invariant(self.model, self.cache):
+            pad = 0
         tokens = [r.seq.out[-1] for r in live] + [0] * pad
         pos += [target - 1] * pad
         rows = [r.row for r in live] + [self.scratch_row] * pad

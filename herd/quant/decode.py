@@ -5,9 +5,13 @@ Attached from outside, like any module swap: `attach(model)` (done by quantize_m
 sets `model.decode_step`, a NativeDecodeStep; the engine calls it for each decode step and runs the model's own
 forward when it answers None. It answers only when the model and cache qualify (`plan_for`): plain Llama layers
 (RoPE, no QK-norm, no chunked attention, no MoE), all seven linear layers of every block QuantLinear without bias,
-float32 norms and cache, no gradients. Anything else -- a paged or ring cache, bf16, LoRA, training -- runs the
-PyTorch path. HERD_NO_NATIVE_DECODE=1 (or `model.decode_step.enabled = False`) turns it off. The results equal the
-PyTorch path's up to float32 summation order (tests/test_fast_decode.py). The model itself knows nothing of this.
+float32 norms and cache (a KVCache, or the scheduler's paged cache: a page pool per layer and a page table), no
+gradients. Anything else -- a ring cache, bf16, LoRA, training -- runs the PyTorch path. HERD_NO_NATIVE_DECODE=1
+(or `model.decode_step.enabled = False`) turns it off. The results equal the PyTorch path's up to float32 summation
+order (tests/test_fast_decode.py, tests/test_paged_decode.py). Over a paged cache the linear layers run on the rows
+padded to the kernels' row granule, so that a row's bits do not depend on its batch (the scheduler's promise); the
+output layer keeps that promise below linear.F32_GEMM_MIN_ROWS padded rows in float mode, where it switches to
+torch's GEMM. The model itself knows nothing of this.
 """
 
 from __future__ import annotations
@@ -38,9 +42,11 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [(n, _I64) for n in ("dim", "n_heads", "n_kv_heads", "head_dim", "hidden", "n_layers")] \
         + [("eps", ctypes.c_double)] + [(n, _I64) for n in ("cache_rows", "cache_len", "row_stride")] \
-        + [("inv_freq", _P), ("final_norm", _P), ("layers", _P)]
+        + [("inv_freq", _P), ("final_norm", _P), ("layers", _P), ("page_table", _P)] \
+        + [(n, _I64) for n in ("table_stride", "page_size", "n_pages", "row_align")]
 
 
+_ERR_PAGE = -3  # HD_ERR_PAGE in herd_decode.c
 DISABLED = os.environ.get("HERD_NO_NATIVE_DECODE", "") not in ("", "0")
 
 
@@ -84,12 +90,16 @@ class DecodePlan:
                               ("w3", ff.w3)):
                 setattr(L, name, _Linear(self._keep(lin.weight), lin.ggml_type, lin._mode, lin.out_features))
         self.threads = next((l.threads for b in model.layers for l in self._linears(b) if l.threads), None)
+        self._block0 = model.layers[0]
         self.spec = _Model(dim=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
                            hidden=model.layers[0].feed_forward.w1.out_features, n_layers=c.n_layers, eps=c.norm_eps,
                            inv_freq=self._keep(model.inv_freq), final_norm=self._keep(model.norm.weight),
                            layers=ctypes.addressof(self.layers))
         self.signature = _signature(model)
-        self.cache = None  # weak reference to the KVCache whose buffers self.layers points to
+        self.cache = None  # weak reference to the cache whose buffers self.layers points to
+        self.cache_ptrs = ()  # the addresses bound: a buffer replaced in the same cache object binds again
+        self.output = model.output  # measured by row_granule() with the blocks' layers
+        self._granule: int | None = None  # row_granule(), measured on first use
 
     @staticmethod
     def _linears(block):
@@ -101,6 +111,17 @@ class DecodePlan:
             raise ConfigError("native decode needs contiguous weights")
         self.model_tensors.append(t)
         return t.data_ptr()
+
+    def row_granule(self) -> int:
+        """Smallest g such that herd_q_matmul gives every row the same bits for every row count that is a multiple
+        of g, for each kind of linear layer of this model (the kernels change with the row count: fewer than 4 rows
+        take another path in float mode, one row in the integer modes); measured once, on 16 weight rows. 0 if none
+        up to 8 does."""
+        if self._granule is None:
+            lins = [*self._linears(self._block0), *([self.output] if type(self.output) is QuantLinear else [])]
+            kinds = {(l.ggml_type, l._mode, l.in_features): l for l in lins}
+            self._granule = max(_matmul_granule(l) for l in kinds.values())
+        return self._granule
 
     def current(self, model) -> bool:
         """Whether the model still holds, at the same addresses and with the same activation modes, every tensor
@@ -115,15 +136,25 @@ class DecodePlan:
     def bind(self, cache) -> bool:
         """Point the layer tables at this cache's buffers (checked and done once per cache); False if the cache
         is not one the C code can use."""
-        if self.cache is not None and self.cache() is cache:
+        if self.cache is not None and self.cache() is cache and self.cache_ptrs == _cache_ptrs(cache):
             return True
-        if not _cache_ok(cache):
+        paged = _is_paged(cache)
+        if not (_paged_ok(cache) if paged else _cache_ok(cache)):
             return False
         for i, L in enumerate(self.layers):
             L.k_cache, L.v_cache = cache.k[i].data_ptr(), cache.v[i].data_ptr()
-        k0 = cache.k[0]
-        self.spec.cache_rows, self.spec.cache_len, self.spec.row_stride = k0.shape[0], k0.shape[2], k0.stride(0)
-        self.cache = weakref.ref(cache)
+        k0, spec = cache.k[0], self.spec
+        if paged:  # pools (n_pages, P, KV, hd), table (rows, pages_per_row)
+            t = cache.table
+            spec.cache_rows, spec.cache_len, spec.row_stride = t.shape[0], t.shape[1] * k0.shape[1], 0
+            spec.page_table, spec.table_stride, spec.page_size, spec.n_pages = t.data_ptr(), t.stride(0), \
+                k0.shape[1], k0.shape[0]
+            # the scheduler promises batch invariance: pad the linear layers' rows to the kernels' granule
+            spec.row_align = self.row_granule()
+        else:  # (rows, KV, S, hd); BatchRun promises no invariance: no padding, no extra work
+            spec.cache_rows, spec.cache_len, spec.row_stride = k0.shape[0], k0.shape[2], k0.stride(0)
+            spec.page_table, spec.table_stride, spec.page_size, spec.n_pages, spec.row_align = None, 0, 0, 0, 0
+        self.cache, self.cache_ptrs = weakref.ref(cache), _cache_ptrs(cache)
         return True
 
     def run(self, x: torch.Tensor, pos: torch.Tensor, cache, rows: torch.Tensor | None) -> torch.Tensor:
@@ -133,9 +164,12 @@ class DecodePlan:
         rc = lib.herd_llama_decode(ctypes.addressof(self.spec), x.data_ptr(), x.shape[0], pos.data_ptr(),
                                    None if rows is None else rows.data_ptr(), self.threads or torch.get_num_threads())
         if rc:
-            raise ConfigError(f"native decode failed (code {rc}): a position or cache row is outside the cache "
-                              f"(positions {pos.tolist()}, rows {None if rows is None else rows.tolist()}, cache "
-                              f"{self.spec.cache_rows} rows x {self.spec.cache_len} positions)")
+            what = "a page id in the page table is outside the page pool" if rc == _ERR_PAGE else \
+                "a position or cache row is outside the cache"
+            raise ConfigError(f"native decode failed (code {rc}): {what} (positions {pos.tolist()}, rows "
+                              f"{None if rows is None else rows.tolist()}, cache {self.spec.cache_rows} rows x "
+                              f"{self.spec.cache_len} positions" + (f", {self.spec.n_pages} pages of "
+                              f"{self.spec.page_size})" if self.spec.page_table else ")"))
         return x
 
 
@@ -156,6 +190,23 @@ def _signature(model) -> tuple:
     return weights, modes, [(t.data_ptr(), t.dtype, t.requires_grad) for t in floats]
 
 
+def _matmul_granule(lin: QuantLinear, max_rows: int = 24) -> int:
+    """row_granule() for one linear layer's weight type, activation mode and input size (on its first weight rows)."""
+    n, k = min(lin.out_features, 16), lin.in_features
+    x = torch.randn(max_rows, k, generator=torch.Generator().manual_seed(0))
+    ys = {}
+    for m in range(1, max_rows + 1):
+        ys[m] = torch.empty(m, n)
+        rc = native._lib.herd_q_matmul(x.data_ptr(), m, k, lin.weight.data_ptr(), lin.ggml_type, n, ys[m].data_ptr(),
+                                       lin._mode, -1, 1)
+        if rc:
+            return 0
+    for g in (1, 2, 4, 8):
+        if all(torch.equal(ys[m], ys[max_rows][:m]) for m in range(g, max_rows + 1, g)):
+            return g
+    return 0
+
+
 def _cache_ok(cache) -> bool:
     from herd.models.kv_cache import KVCache
 
@@ -164,6 +215,29 @@ def _cache_ok(cache) -> bool:
     k0 = cache.k[0]
     return (k0.dtype is torch.float32 and k0.is_cpu and k0[0].is_contiguous()
             and all(t.stride() == k0.stride() and t.shape == k0.shape for t in cache.k + cache.v))
+
+
+def _is_paged(cache) -> bool:
+    """The scheduler's PagedKVCache (herd/engine/scheduler.py), known by its shape rather than imported: the engine
+    floor sits above this one."""
+    return isinstance(getattr(cache, "table", None), torch.Tensor) and hasattr(cache, "page_size")
+
+
+def _paged_ok(cache) -> bool:
+    """Pools (n_pages, P, KV, hd) float32, CPU, contiguous, all of one shape; table (rows, pages) int64 on the CPU
+    with unit stride along a row; no ring layers."""
+    if getattr(cache, "window", 0):
+        return False
+    k0, t = cache.k[0], cache.table
+    return (k0.dim() == 4 and k0.shape[1] == cache.page_size and k0.dtype is torch.float32 and k0.is_cpu
+            and all(b.is_contiguous() and b.shape == k0.shape and b.dtype is k0.dtype for b in cache.k + cache.v)
+            and t.dim() == 2 and t.dtype is torch.int64 and t.is_cpu and t.stride(1) == 1)
+
+
+def _cache_ptrs(cache) -> tuple:
+    """The addresses a bound plan points to (the table's, and each layer's buffers'): cheap to compare per call."""
+    table = getattr(cache, "table", None)
+    return (table.data_ptr() if isinstance(table, torch.Tensor) else 0,) + tuple(b.data_ptr() for b in cache.k + cache.v)
 
 
 def plan_for(model, cache) -> DecodePlan | None:
@@ -190,6 +264,13 @@ class NativeDecodeStep:
             self.plan = DecodePlan(model) if _eligible(model) else None
         return self.plan if self.plan is not None and self.plan.bind(cache) else None
 
+    def batch_invariant(self, model, cache) -> bool:
+        """Whether this step takes this cache and gives each row the same bits whatever the batch (a paged cache,
+        rows padded inside to the kernels' granule, attention over exactly each row's keys): the scheduler then
+        adds no padding rows of its own."""
+        plan = self.plan_for(model, cache)
+        return plan is not None and plan.spec.row_align > 0
+
     def __call__(self, model, tokens: torch.Tensor, input_pos: torch.Tensor, cache, rows: torch.Tensor | None = None):
         plan = self.plan_for(model, cache)
         if plan is None:
@@ -201,7 +282,10 @@ class NativeDecodeStep:
         x = h.reshape(B, -1).clone()  # (B, D), updated in place to the final-normed hidden state
         rows = None if rows is None else rows.reshape(B).to(torch.int64).contiguous()
         plan.run(x, input_pos.reshape(B).to(torch.int64).contiguous(), cache, rows)
-        return model.output(x.view(B, 1, -1))
+        g = plan.spec.row_align
+        if g > 1 and B % g:  # the output layer on the same padded row count as the layers (batch invariance)
+            x = torch.cat((x, x.new_zeros(g - B % g, x.shape[1])))
+        return model.output(x[:, None])[:B]
 
 
 def attach(model) -> None:

@@ -6,6 +6,12 @@
  * the same kernels QuantLinear calls, so only the summation order of the small operations differs from the
  * PyTorch path. Shapes: B rows (sequences), D dim, H query heads, KV key/value heads, hd head dim, F hidden,
  * S cache positions per row.
+ *
+ * Two cache layouts: contiguous (herd/models/kv_cache.py: per layer (rows, KV, S, hd)) and paged (the scheduler's
+ * PagedKVCache: per layer a pool (n_pages, P, KV, hd) and a page table (rows, S / P); position p of table row r lives
+ * at page table[r, p / P], offset p % P). Attention reads a row's keys as runs of consecutive positions -- one run
+ * of S positions, or one run per page -- and does the same arithmetic in the same order on both, so a row gives the
+ * same bits from either layout.
  */
 #include "herd_quant.h"
 
@@ -26,19 +32,34 @@ typedef struct {
 typedef struct {
     const float *attn_norm, *ffn_norm; /* (D,) */
     hd_linear wq, wk, wv, wo, w1, w2, w3;
-    float *k_cache, *v_cache; /* row r, KV head j, position p at r * row_stride + (j * S + p) * hd */
+    /* contiguous: row r, KV head j, position p at r * row_stride + (j * S + p) * hd;
+     * paged: the pools, position p of table row r, KV head j at ((table[r, p / P] * P + p % P) * KV + j) * hd */
+    float *k_cache, *v_cache;
 } hd_layer;
 
 typedef struct {
     int64_t dim, n_heads, n_kv_heads, head_dim, hidden, n_layers;
     double eps;
-    int64_t cache_rows, cache_len, row_stride; /* cache rows, S, elements between two rows */
+    int64_t cache_rows, cache_len, row_stride; /* cache (or table) rows, S, elements between two cache rows */
     const float *inv_freq;                     /* (hd/2,) */
     const float *final_norm;                   /* (D,) or NULL: leave x un-normalised */
     const hd_layer *layers;
+    const int64_t *page_table; /* (cache_rows, table_stride) page ids, or NULL for the contiguous layout */
+    int64_t table_stride, page_size, n_pages; /* elements between two table rows, P, pages in each pool */
+    int64_t row_align; /* > 1: the linear layers run on the rows padded with zero rows to a multiple of this, the
+                        * row count for which herd_q_matmul gives each row the same bits whatever the batch */
 } hd_model;
 
+/* Where the keys and values of one (row, KV head) live: runs of `run` consecutive positions (the last may be
+ * shorter), `step` floats apart within a run; run i starts at k + page[i] * page_elems (page NULL: one run at k). */
+typedef struct {
+    const float *k, *v;
+    const int64_t *page;
+    int64_t run, step, page_elems;
+} hd_kv;
+
 #define HD_ERR_SHAPE (-2)
+#define HD_ERR_PAGE (-3)
 #define HD_ERR_NOMEM (-5)
 
 /* e^x in float32 within ~2 ulp (Cephes' expf polynomial after a Cody-Waite reduction), written so that gcc
@@ -112,9 +133,11 @@ static inline __m512 hd_sum_lanes16(const __m512 *a) {
     return s;
 }
 
-/* scores sc[r * n + p] = q_r . K_p * scale for hd % 16 == 0, 16 positions at a time; the same arithmetic as the
- * portable loop: per lane an FMA chain over the 16-float chunks, then the lanes summed in order. */
-static void hd_scores_avx512(const float *q, int64_t R, const float *K, int64_t n, int64_t hd, float scale, float *sc) {
+/* scores sc[r * ld + p] = q_r . K_p * scale (K_p at K + p * ks) for hd % 16 == 0, 16 positions at a time; the
+ * same arithmetic as the portable loop: per lane an FMA chain over the 16-float chunks, then the lanes summed in
+ * order. Each score is its own dot product, so how the positions are split into calls changes no bit. */
+static void hd_scores_avx512(const float *q, int64_t R, const float *K, int64_t n, int64_t ks, int64_t hd,
+                             float scale, float *sc, int64_t ld) {
     for (int64_t r = 0; r < R; r++) {
         const float *qr = q + r * hd;
         for (int64_t p0 = 0; p0 < n; p0 += 16) {
@@ -122,34 +145,41 @@ static void hd_scores_avx512(const float *q, int64_t R, const float *K, int64_t 
             const float *kp[16]; /* positions past the end repeat the last one; their scores are not stored */
             __m512 a[16];
             for (int j = 0; j < 16; j++) {
-                kp[j] = K + (p0 + (j < np ? j : np - 1)) * hd;
+                kp[j] = K + (p0 + (j < np ? j : np - 1)) * ks;
                 a[j] = _mm512_setzero_ps();
             }
             for (int64_t i = 0; i < hd; i += 16) {
                 const __m512 qv = _mm512_loadu_ps(qr + i);
                 for (int j = 0; j < 16; j++) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kp[j] + i), a[j]);
             }
-            _mm512_mask_storeu_ps(sc + r * n + p0, (__mmask16)((1u << np) - 1u),
+            _mm512_mask_storeu_ps(sc + r * ld + p0, (__mmask16)((1u << np) - 1u),
                                   _mm512_mul_ps(hd_sum_lanes16(a), _mm512_set1_ps(scale)));
         }
     }
 }
 
-/* out (R, hd) = weights sc (R, n) . V (n, hd) for hd % 16 == 0: blocks of 4 heads x 64 columns in registers, an FMA
- * chain over the positions per element (the portable loop's order). Heads / columns past the end are computed
- * on repeated data and not stored. */
-static void hd_weighted_sum_avx512(const float *sc, int64_t R, const float *V, int64_t n, int64_t hd, float *out) {
+/* out (R, hd) = weights sc (R, n; rows ld apart) . V (n, hd; V_p at V + p * vs) for hd % 16 == 0, added to out
+ * when `more` (a later run of positions: the FMA chain goes on from the stored partial sums, the same bits as one
+ * chain): blocks of 4 heads x 64 columns in registers, an FMA chain over the positions per element (the portable
+ * loop's order). Heads / columns past the end are computed on repeated data and not stored. */
+static void hd_weighted_sum_avx512(const float *sc, int64_t ld, int64_t R, const float *V, int64_t n, int64_t vs,
+                                   int64_t hd, float *out, int more) {
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
         const float *w[4];
-        for (int r = 0; r < 4; r++) w[r] = sc + (r0 + r < R ? r0 + r : R - 1) * n;
+        int64_t row[4];
+        for (int r = 0; r < 4; r++) {
+            row[r] = r0 + r < R ? r0 + r : R - 1;
+            w[r] = sc + row[r] * ld;
+        }
         for (int64_t c0 = 0; c0 < hd; c0 += 64) {
             int64_t col[4];
             for (int c = 0; c < 4; c++) col[c] = c0 + 16 * c < hd ? c0 + 16 * c : hd - 16;
             __m512 acc[4][4];
             for (int r = 0; r < 4; r++)
-                for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+                for (int c = 0; c < 4; c++)
+                    acc[r][c] = more ? _mm512_loadu_ps(out + row[r] * hd + col[c]) : _mm512_setzero_ps();
             for (int64_t p = 0; p < n; p++) {
-                const float *vp = V + p * hd;
+                const float *vp = V + p * vs;
                 __m512 v[4];
                 for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(vp + col[c]);
                 for (int r = 0; r < 4; r++) {
@@ -164,29 +194,34 @@ static void hd_weighted_sum_avx512(const float *sc, int64_t R, const float *V, i
 }
 #endif
 
-/* The R query heads q (R, hd) that share one KV head, over its positions 0..n-1:
+/* The R query heads q (R, hd) that share one KV head, over its positions 0..n-1 (kv: where they live):
  * out (R, hd) = softmax(q . K^T / sqrt(hd)) V, each key and value row read once for all R. sc: R * n floats. */
-static void hd_attend_group(const float *q, int64_t R, const float *K, const float *V, int64_t n, int64_t hd,
-                            float *sc, float *out) {
+static void hd_attend_group(const float *q, int64_t R, const hd_kv *kv, int64_t n, int64_t hd, float *sc,
+                            float *out) {
     const float scale = 1.0f / sqrtf((float)hd);
 #ifdef __AVX512F__
     const int simd = hd % 16 == 0;
 #else
     const int simd = 0;
 #endif
-    if (simd) {
+    const int64_t st = kv->step;
+    for (int64_t p0 = 0, i = 0; p0 < n; p0 += kv->run, i++) { /* scores, one run of positions at a time */
+        const int64_t m = n - p0 < kv->run ? n - p0 : kv->run;
+        const float *K = kv->k + (kv->page ? kv->page[i] * kv->page_elems : 0);
+        if (simd) {
 #ifdef __AVX512F__
-        hd_scores_avx512(q, R, K, n, hd, scale, sc);
+            hd_scores_avx512(q, R, K, m, st, hd, scale, sc + p0, n);
 #endif
-    } else {
-        for (int64_t p = 0; p < n; p++) {
-            const float *kp = K + p * hd;
+            continue;
+        }
+        for (int64_t p = 0; p < m; p++) {
+            const float *kp = K + p * st;
             for (int64_t r = 0; r < R; r++) {
                 const float *qr = q + r * hd;
                 float s = 0.0f;
 #pragma omp simd reduction(+ : s)
                 for (int64_t i = 0; i < hd; i++) s += qr[i] * kp[i];
-                sc[r * n + p] = s * scale;
+                sc[r * n + p0 + p] = s * scale;
             }
         }
     }
@@ -201,20 +236,24 @@ static void hd_attend_group(const float *q, int64_t R, const float *K, const flo
         const float inv = 1.0f / sum;
         for (int64_t p = 0; p < n; p++) sr[p] *= inv;
     }
-    if (simd) {
+    if (!simd) memset(out, 0, sizeof(float) * (size_t)(R * hd));
+    for (int64_t p0 = 0, i = 0; p0 < n; p0 += kv->run, i++) { /* weighted values, the runs in position order */
+        const int64_t m = n - p0 < kv->run ? n - p0 : kv->run;
+        const float *V = kv->v + (kv->page ? kv->page[i] * kv->page_elems : 0);
+        if (simd) {
 #ifdef __AVX512F__
-        hd_weighted_sum_avx512(sc, R, V, n, hd, out);
+            hd_weighted_sum_avx512(sc + p0, n, R, V, m, st, hd, out, p0 > 0);
 #endif
-        return;
-    }
-    memset(out, 0, sizeof(float) * (size_t)(R * hd));
-    for (int64_t p = 0; p < n; p++) {
-        const float *vp = V + p * hd;
-        for (int64_t r = 0; r < R; r++) {
-            const float wgt = sc[r * n + p];
-            float *o = out + r * hd;
+            continue;
+        }
+        for (int64_t p = 0; p < m; p++) {
+            const float *vp = V + p * st;
+            for (int64_t r = 0; r < R; r++) {
+                const float wgt = sc[r * n + p0 + p];
+                float *o = out + r * hd;
 #pragma omp simd
-            for (int64_t i = 0; i < hd; i++) o[i] += wgt * vp[i];
+                for (int64_t i = 0; i < hd; i++) o[i] += wgt * vp[i];
+            }
         }
     }
 }
@@ -224,26 +263,34 @@ static int hd_linear_apply(const hd_linear *L, const float *x, int64_t m, int64_
 }
 
 /* x (B, D) float32, updated in place: the hidden state after every layer (and the final norm if given).
- * pos (B,) the position of each row's token; rows (B,) its cache row, or NULL for row b. Returns 0 or an error. */
+ * pos (B,) the position of each row's token; rows (B,) its cache (or page-table) row, or NULL for row b. Returns 0,
+ * or HD_ERR_SHAPE (a position or row outside the cache), HD_ERR_PAGE (a page id outside the pools), HD_ERR_NOMEM. */
 int herd_llama_decode(const void *model, float *x, int64_t B, const int64_t *pos, const int64_t *rows,
                       int nthreads) {
     const hd_model *M = (const hd_model *)model;
     const int64_t D = M->dim, H = M->n_heads, KV = M->n_kv_heads, hd = M->head_dim, F = M->hidden, S = M->cache_len;
-    if (B <= 0 || H % KV || hd % 2) return HD_ERR_SHAPE;
+    const int64_t *table = M->page_table, P = M->page_size;
+    if (B <= 0 || H % KV || hd % 2 || (table && (P <= 0 || S > M->table_stride * P))) return HD_ERR_SHAPE;
     int64_t max_len = 0;
     for (int64_t b = 0; b < B; b++) {
         const int64_t r = rows ? rows[b] : b;
         if (pos[b] < 0 || pos[b] >= S || r < 0 || r >= M->cache_rows) return HD_ERR_SHAPE;
         max_len = pos[b] + 1 > max_len ? pos[b] + 1 : max_len;
+        if (table) /* every page this row reads or writes must lie in the pools */
+            for (int64_t i = 0; i <= pos[b] / P; i++)
+                if (table[r * M->table_stride + i] < 0 || table[r * M->table_stride + i] >= M->n_pages)
+                    return HD_ERR_PAGE;
     }
-    /* scratch: xn (B, D), q (B, H*hd), k, v (B, KV*hd), att (B, H*hd), t (B, D), g, u (B, F), cos, sin (B, hd/2),
-     * scores (threads, H/KV, max_len) */
+    /* Bm rows for the linear layers: B, or B padded with zero rows (xn, att, g past row B stay zero) */
+    const int64_t A = M->row_align, Bm = A > 1 ? (B + A - 1) / A * A : B;
+    /* scratch: xn (Bm, D), q (Bm, H*hd), k, v (Bm, KV*hd), att (Bm, H*hd), t (Bm, D), g, u (Bm, F),
+     * cos, sin (B, hd/2), scores (threads, H/KV, max_len) */
     int nt = nthreads > 0 ? nthreads : 1;
-    const size_t n_scratch = (size_t)(B * (2 * D + 2 * H * hd + 2 * KV * hd + 2 * F + hd) + nt * H / KV * max_len);
-    float *buf = (float *)malloc(sizeof(float) * n_scratch);
+    const size_t n_scratch = (size_t)(Bm * (2 * D + 2 * H * hd + 2 * KV * hd + 2 * F) + B * hd + nt * H / KV * max_len);
+    float *buf = (float *)(Bm > B ? calloc(n_scratch, sizeof(float)) : malloc(sizeof(float) * n_scratch));
     if (!buf) return HD_ERR_NOMEM;
-    float *xn = buf, *q = xn + B * D, *k = q + B * H * hd, *v = k + B * KV * hd, *att = v + B * KV * hd;
-    float *t = att + B * H * hd, *g = t + B * D, *u = g + B * F, *cs = u + B * F, *sn = cs + B * hd / 2;
+    float *xn = buf, *q = xn + Bm * D, *k = q + Bm * H * hd, *v = k + Bm * KV * hd, *att = v + Bm * KV * hd;
+    float *t = att + Bm * H * hd, *g = t + Bm * D, *u = g + Bm * F, *cs = u + Bm * F, *sn = cs + B * hd / 2;
     float *scores = sn + B * hd / 2;
     for (int64_t b = 0; b < B; b++)
         for (int64_t i = 0; i < hd / 2; i++) {
@@ -257,16 +304,17 @@ int herd_llama_decode(const void *model, float *x, int64_t B, const int64_t *pos
     for (int64_t l = 0; l < M->n_layers && !rc; l++) {
         const hd_layer *L = &M->layers[l];
         for (int64_t b = 0; b < B; b++) hd_rms_norm(x + b * D, L->attn_norm, D, M->eps, xn + b * D);
-        if (!rc) rc = hd_linear_apply(&L->wq, xn, B, D, q, nthreads);
-        if (!rc) rc = hd_linear_apply(&L->wk, xn, B, D, k, nthreads);
-        if (!rc) rc = hd_linear_apply(&L->wv, xn, B, D, v, nthreads);
+        if (!rc) rc = hd_linear_apply(&L->wq, xn, Bm, D, q, nthreads);
+        if (!rc) rc = hd_linear_apply(&L->wk, xn, Bm, D, k, nthreads);
+        if (!rc) rc = hd_linear_apply(&L->wv, xn, Bm, D, v, nthreads);
         if (rc) break;
         for (int64_t b = 0; b < B; b++) {
             hd_rope(q + b * H * hd, H, hd, cs + b * hd / 2, sn + b * hd / 2);
             hd_rope(k + b * KV * hd, KV, hd, cs + b * hd / 2, sn + b * hd / 2);
             const int64_t r = rows ? rows[b] : b;
             for (int64_t j = 0; j < KV; j++) {
-                const int64_t at = r * M->row_stride + (j * S + pos[b]) * hd;
+                const int64_t at = table ? ((table[r * M->table_stride + pos[b] / P] * P + pos[b] % P) * KV + j) * hd
+                                         : r * M->row_stride + (j * S + pos[b]) * hd;
                 memcpy(L->k_cache + at, k + (b * KV + j) * hd, sizeof(float) * (size_t)hd);
                 memcpy(L->v_cache + at, v + (b * KV + j) * hd, sizeof(float) * (size_t)hd);
             }
@@ -278,20 +326,23 @@ int herd_llama_decode(const void *model, float *x, int64_t B, const int64_t *pos
 #ifdef _OPENMP
             tid = omp_get_thread_num();
 #endif
-            const float *K = L->k_cache + r * M->row_stride + j * S * hd, *V = L->v_cache + r * M->row_stride + j * S * hd;
-            hd_attend_group(q + (b * H + j * R) * hd, R, K, V, pos[b] + 1, hd, scores + tid * H / KV * max_len,
+            const int64_t at = table ? j * hd : r * M->row_stride + j * S * hd;
+            const hd_kv kv = {L->k_cache + at, L->v_cache + at, table ? table + r * M->table_stride : NULL,
+                              table ? P : S, table ? KV * hd : hd, P * KV * hd};
+            hd_attend_group(q + (b * H + j * R) * hd, R, &kv, pos[b] + 1, hd, scores + tid * H / KV * max_len,
                             att + (b * H + j * R) * hd);
         }
-        if (!rc) rc = hd_linear_apply(&L->wo, att, B, H * hd, t, nthreads);
+        if (!rc) rc = hd_linear_apply(&L->wo, att, Bm, H * hd, t, nthreads);
         if (rc) break;
         for (int64_t i = 0; i < B * D; i++) x[i] += t[i];
         for (int64_t b = 0; b < B; b++) hd_rms_norm(x + b * D, L->ffn_norm, D, M->eps, xn + b * D);
-        if (!rc) rc = hd_linear_apply(&L->w1, xn, B, D, g, nthreads);
-        if (!rc) rc = hd_linear_apply(&L->w3, xn, B, D, u, nthreads);
+        if (!rc) rc = hd_linear_apply(&L->w1, xn, Bm, D, g, nthreads);
+        if (!rc) rc = hd_linear_apply(&L->w3, xn, Bm, D, u, nthreads);
         if (rc) break;
 #pragma omp simd
         for (int64_t i = 0; i < B * F; i++) g[i] = g[i] / (1.0f + hd_expf(-g[i])) * u[i]; /* silu(gate) * up */
-        if (!rc) rc = hd_linear_apply(&L->w2, g, B, F, t, nthreads);
+        if (Bm > B) memset(g + B * F, 0, sizeof(float) * (size_t)((Bm - B) * F)); /* padding rows: zero again */
+        if (!rc) rc = hd_linear_apply(&L->w2, g, Bm, F, t, nthreads);
         if (rc) break;
         for (int64_t i = 0; i < B * D; i++) x[i] += t[i];
     }
