@@ -14,7 +14,8 @@ import torch
 
 from herd.config import ModelConfig
 from herd.engine.generate import decode as decode_step, generate_batch
-from herd.engine.scheduler import Engine, PagedKVCache
+from herd.engine.paging import PagedKVCache
+from herd.engine.scheduler import Engine
 from herd.errors import ConfigError
 from herd.models.kv_cache import KVCache
 from herd.ops.sampling import SamplingParams

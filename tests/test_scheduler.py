@@ -12,7 +12,8 @@ import torch
 from herd.config import ModelConfig
 from herd.engine.generate import generate_batch
 from herd.models.kv_cache import KVCache
-from herd.engine.scheduler import Engine, PagedKVCache, PagePool, QueueFull, attention_granule, row_granule
+from herd.engine.paging import PagedKVCache, PagePool, attention_granule, row_granule
+from herd.engine.scheduler import Engine, QueueFull
 from herd.errors import GenerationError
 from herd.models.llama import build_model
 from herd.ops.sampling import SamplingParams

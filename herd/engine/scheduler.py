@@ -25,17 +25,25 @@ length (the largest position + 1) to a multiple of `attention_granule` (16 here)
 backend (the fused CPU kernel's results change with the batch size). With that, a request gives bit-identical
 logits alone, in any batch, and with a cached prefix. After a preemption the recomputed positions come from a
 prefill instead of decode steps, which can move later logits by float rounding (tokens change only at near-ties).
+A quantized model's native decode step (model.decode_step, reading the pages through the same table) pads its own
+rows to its kernels' granule, so the engine adds no padding rows for it.
+
+Images: a request may carry its prompt's images (submit(images=...)); the engine binds them to the request's cache
+row at every admission (model.bind, herd/engine/vision_step.py), prefills such a prompt whole where the model needs
+it, and shares prefix pages only over the text before the first image (model.prefix_key). Otherwise an image
+request is a request like any other: paged, batched, preempted, cancelled and counted the same way.
+
+Floor: engine/ (imports herd.models' contracts through the model it is handed, herd.ops and herd.errors; the paging
+itself is paging.py's).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import queue
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -44,6 +52,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from herd.engine.generate import Completion, Delta, _Seq, decode
+from herd.engine.paging import PagedKVCache, PagePool, attention_granule, round_up, row_granule
 from herd.errors import GenerationError
 from herd.ops.sampling import SamplingParams, pick_token
 
@@ -54,186 +63,6 @@ class QueueFull(GenerationError):
     def __init__(self, message: str, retry_after: float = 1.0):
         super().__init__(message)
         self.retry_after = retry_after
-
-
-# ---------------------------------------------------------------------------------------------------- paged cache
-class PagedKVCache:
-    """Keys and values of all sequences in one page pool per layer, addressed through a page table.
-
-    k[layer], v[layer]: (n_pages, P, KV, hd); page 0 is the null page (unassigned table entries point there, and
-    padding rows write there; its content is only ever read at masked positions). table: (rows, pages_per_row).
-    Implements the `update` contract of KVCache, so the model runs on it unchanged; a quantized model's native decode
-    step reads and writes these buffers in place through the same table (herd/quant/decode.py).
-    """
-
-    def __init__(self, config, n_pages: int, page_size: int, rows: int, pages_per_row: int,
-                 dtype=torch.float32, device="cpu"):
-        self.page_size, self.n_pages = page_size, n_pages
-        self.max_len = pages_per_row * page_size
-        self.window = 0  # no ring layers: Llama 4 chunked layers see all positions, masked by chunk
-        shape = (n_pages, page_size, config.n_kv_heads, config.head_dim)
-        # zeros, never empty: masked positions get a zero weight, and 0 * NaN would still be NaN
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.table = torch.zeros((rows, pages_per_row), dtype=torch.long, device=device)
-        self._memo: tuple | None = None
-
-    def _index(self, input_pos: torch.Tensor, rows: torch.Tensor, kv_len: int):
-        """(page (B, T), offset (B, T), gather table (B, n)) for one forward; computed once, reused by every layer."""
-        memo = self._memo
-        if memo is not None and memo[0] is input_pos and memo[1] is rows and memo[2] == kv_len:
-            return memo[3]
-        P = self.page_size
-        page = self.table[rows[:, None], torch.div(input_pos, P, rounding_mode="floor")]
-        n = -(-kv_len // P)
-        out = (page, input_pos % P, self.table[rows, :n])
-        self._memo = (input_pos, rows, kv_len, out)
-        return out
-
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
-               rows: torch.Tensor | None = None):
-        """Write k, v (B, T, KV, hd) at input_pos (B, T) of table rows `rows` (B,); return the first kv_len
-        positions of those rows, (B, KV, kv_len, hd)."""
-        if rows is None:
-            rows = torch.arange(k.shape[0], device=k.device)
-        page, off, gather = self._index(input_pos, rows, kv_len)
-        self.k[layer][page, off] = k
-        self.v[layer][page, off] = v
-        B = k.shape[0]
-        ks = self.k[layer][gather].reshape(B, -1, *k.shape[2:])[:, :kv_len]  # (B, S, KV, hd)
-        vs = self.v[layer][gather].reshape(B, -1, *v.shape[2:])[:, :kv_len]
-        return ks.transpose(1, 2), vs.transpose(1, 2)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-
-class PagePool:
-    """Page allocator with reference counts and a prefix cache of full pages (LRU when unused)."""
-
-    def __init__(self, n_pages: int, page_size: int, prefix_cache: bool = True):
-        self.page_size, self.prefix_cache = page_size, prefix_cache
-        self.free = list(range(n_pages - 1, 0, -1))  # page 0 is the null page
-        self.ref = [0] * n_pages
-        self.key_of: dict[int, tuple] = {}
-        self.page_of: dict[tuple, int] = {}
-        self.serial: dict[int, int] = {}
-        self.lru: OrderedDict[int, None] = OrderedDict()  # cached pages nobody uses, oldest first
-        self._serials = itertools.count(1)
-        self.n_pages = n_pages
-
-    def available(self) -> int:
-        return len(self.free) + len(self.lru)
-
-    def used(self) -> int:
-        return self.n_pages - 1 - self.available()
-
-    def alloc(self) -> int | None:
-        if self.free:
-            page = self.free.pop()
-        elif self.lru:
-            page, _ = self.lru.popitem(last=False)
-            del self.page_of[self.key_of.pop(page)]
-            del self.serial[page]
-        else:
-            return None
-        self.ref[page] = 1
-        return page
-
-    def match(self, tokens: Sequence[int], limit: int, root: int = 0) -> list[int]:
-        """Cached pages holding a prefix of tokens (at most `limit` tokens) in the chains that start at `root` (0:
-        text; another root for rows whose keys differ for the same ids, e.g. with a LoRA on), each referenced once
-        more."""
-        if not self.prefix_cache:
-            return []
-        P, parent, pages = self.page_size, root, []
-        for i in range(limit // P):
-            page = self.page_of.get((parent, tuple(tokens[i * P:(i + 1) * P])))
-            if page is None:
-                break
-            pages.append(page)
-            parent = self.serial[page]
-        for page in pages:
-            self.ref[page] += 1
-            self.lru.pop(page, None)
-        return pages
-
-    def register(self, pages: Sequence[int], tokens: Sequence[int], root: int = 0) -> None:
-        """Make every full page of a sequence (tokens: its ids in cache, in position order) findable by match."""
-        if not self.prefix_cache:
-            return
-        P, parent = self.page_size, root
-        for i in range(min(len(tokens) // P, len(pages))):
-            page = pages[i]
-            if page in self.key_of:
-                parent = self.serial[page]
-                continue
-            key = (parent, tuple(tokens[i * P:(i + 1) * P]))
-            other = self.page_of.get(key)
-            if other is not None:  # the same content already cached in another page: follow that chain
-                parent = self.serial[other]
-                continue
-            self.key_of[page], self.page_of[key] = key, page
-            self.serial[page] = parent = next(self._serials)
-
-    def release(self, pages: Sequence[int]) -> None:
-        # children first, so that the LRU evicts a chain from its tail and never orphans a cached child
-        for page in reversed(pages):
-            self.ref[page] -= 1
-            if self.ref[page] == 0:
-                if page in self.key_of:
-                    self.lru[page] = None
-                else:
-                    self.free.append(page)
-
-
-def row_granule(model, max_rows: int = 64) -> int:
-    """Smallest g such that the model's linear layers give each row bit-identical results for every row count
-    that is a multiple of g (BLAS kernels change with the row count). 0 if none up to 16 does."""
-    layer = model.layers[0].attention.wq
-    weight = next(iter(layer.parameters()), None)
-    dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
-    dim = model.config.dim
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(max_rows, dim, generator=gen).to(dtype)
-    with torch.inference_mode():
-        ref = layer(x[None])[0]
-        for g in (1, 2, 4, 8, 16):
-            if all(torch.equal(layer(x[None, :m])[0], ref[:m]) and torch.equal(layer(x[:m]), ref[:m])
-                   for m in range(g, max_rows + 1, g)):
-                return g
-    return 0
-
-
-@functools.lru_cache(maxsize=None)
-def attention_granule(n_heads: int, head_dim: int, threads: int = 0) -> int:
-    """Smallest a such that a query's attention output (math backend) is bit-identical for every key length that
-    is a multiple of a, the extra keys masked out (the BLAS kernels and vectorised reductions over the keys group
-    elements by the key count). 0 if none up to 64 does. `threads` and `n_heads` only key the cache."""
-    gen = torch.Generator().manual_seed(0)
-    # one batch row per count of real keys: rows (and heads) are computed independently (checked by the tests)
-    reals = torch.arange(1, 98)
-    n = 768
-    q = torch.randn(len(reals), 1, 1, head_dim, generator=gen)
-    k = torch.randn(len(reals), 1, n, head_dim, generator=gen)
-    v = torch.randn(len(reals), 1, n, head_dim, generator=gen)
-
-    def attend(total: int) -> torch.Tensor:  # (R, H, 1, hd)
-        mask = (torch.arange(total)[None, :] < reals[:, None])[:, None, None, :]
-        return torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :total], v[:, :, :total], mask)
-
-    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
-        for a in (8, 16, 32, 64):
-            totals = range(a, min(n, _round_up(int(reals[-1]), a) + 6 * a) + 1, a)
-            out = {t: attend(t) for t in totals}
-            if all(torch.equal(out[t][r], out[_round_up(int(real), a)][r])
-                   for r, real in enumerate(reals) for t in totals if t >= real):
-                return a
-    return 0
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 # ---------------------------------------------------------------------------------------------------- requests
@@ -341,9 +170,6 @@ class Engine:
         self.running: list[Request] = []  # admission order (oldest first)
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
-        # held around every forward of the engine's model: other users of the same weights (the server's image
-        # requests) take it too, so that their forwards never interleave with a step's
-        self.model_lock = threading.Lock()
         self._incoming: list[Request] = []
         self._cancels: set[int] = set()
         self._thread: threading.Thread | None = None
@@ -632,17 +458,17 @@ class Engine:
             # Pad the tokens to a multiple of the row granule and the key length to one of the kv granule. The
             # padding goes first (so the real last token stays the last row) at a position after the chunk, which
             # no real token attends to; it lands in this row's own pages or in the null page.
-            pad, target = -len(chunk) % self.granule, _round_up(end, self.kv_granule)
+            pad, target = -len(chunk) % self.granule, round_up(end, self.kv_granule)
             if target > end and pad == 0:
                 pad = self.granule
             if pad and target == end:
-                target = _round_up(end + 1, self.kv_granule)
+                target = round_up(end + 1, self.kv_granule)
             tokens = [0] * pad + chunk
             pos = [target - 1] * pad + list(range(start, end))
             t = torch.tensor([tokens], device=self.device)
             p = torch.tensor([pos], device=self.device)
             rows = torch.tensor([req.row], device=self.device)
-            with self.model_lock, sdpa_kernel(SDPBackend.MATH):
+            with sdpa_kernel(SDPBackend.MATH):
                 logits = self.model(t, p, self.cache, last_only=True, cache_rows=rows)[0, -1]
             req.cached.extend(chunk)
             self.stats["prefill_tokens"] += len(chunk)
@@ -662,7 +488,7 @@ class Engine:
         # this paged cache) needs none
         pos = [len(r.cached) for r in live]
         end = max(pos) + 1
-        pad, target = -len(live) % self.granule, _round_up(end, self.kv_granule)
+        pad, target = -len(live) % self.granule, round_up(end, self.kv_granule)
         if target > end and pad == 0:
             pad = self.granule
         invariant = getattr(getattr(self.model, "decode_step", None), "batch_invariant", None)
@@ -673,7 +499,7 @@ class Engine:
         rows = [r.row for r in live] + [self.scratch_row] * pad
         t = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
         p = torch.tensor(pos, device=self.device)[:, None]
-        with self.model_lock, sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH):
             logits = decode(self.model, t, p, self.cache, torch.tensor(rows, device=self.device))[:, -1]  # (B, V)
         self.stats["decode_tokens"] += len(live)
         for req, tok, lg in zip(live, tokens, logits):

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from herd.errors import GenerationError
 from herd.models.lora import lora_modules, lora_rows
 from herd.models.mllama import Mllama, MllamaInputs, expand_tile_mask
 from herd.models.vision_lm import VisionLM
@@ -177,10 +176,9 @@ class VisionStep(nn.Module):
             b.xattn = (state.xk, state.xv, state.last_mask)
             return logits
         inp = b.mllama
-        if int(input_pos.max()) >= inp.cross_attention_mask.shape[1]:
-            raise GenerationError("a prompt with images must be prefilled before it decodes")
         dtype = text.norm.weight.dtype
         vision = self.mm.encode_images(inp.pixel_values.to(dtype), inp.aspect_ratio_ids, inp.aspect_ratio_mask)
+        # rows past the bound ids (the engine's padding tokens, placed after the chunk) see what the last one sees
         tile_mask = inp.cross_attention_mask[:, input_pos[0].clamp(max=inp.cross_attention_mask.shape[1] - 1)]
         vision_mask = expand_tile_mask(tile_mask, self.mm.config.vision.n_patches)
         state = _CrossState(cache)
