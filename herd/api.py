@@ -332,7 +332,7 @@ class ImageChat(VisionLLM):
         from herd.formats.vision_ckpt import CONFIG_FILE, load_vision
         from herd.hub import default_vision_dir
 
-        folder = Path(vision_dir) if vision_dir is not None else default_vision_dir(model)
+        folder = Path(vision_dir).expanduser() if vision_dir is not None else default_vision_dir(model)
         if not (folder / CONFIG_FILE).exists():
             raise FormatError(f"{folder}: no vision model there ({CONFIG_FILE} missing); train one with "
                               f"`herd train-vision` (or `make vision-demo`), or pass the folder of one")
