@@ -250,6 +250,20 @@ def test_chat_greedy_is_what_herd_generate_prints(client, smollm_gguf):
     assert "Paris" in ref["text"]
 
 
+def test_the_default_server_runs_the_blocks_and_answers_as_the_float_path(server, client, smollm_gguf):
+    """`herd serve` with its default flags keeps the GGUF blocks (native decode over its paged cache, /health says
+    so) and its greedy answers equal the float32 path's (`--dequantize`) on these prompts: the int16-activation
+    arithmetic moves logits by ~1e-6 (KL ~5e-8), far from their top-2 margins here."""
+    import herd
+
+    health = httpx.get(server.url + "/health", headers=server.headers(), timeout=30).json()
+    assert health.get("weights") == "gguf-blocks", health
+    ref = herd.load(smollm_gguf, keep_quantized=False)
+    for q in ("What is the capital of France?", "Name three colours.", "What is 2 + 2?"):
+        got = chat(client, q, max_tokens=24).choices[0].message.content
+        assert got == ref.generate(q, max_tokens=24).text, q
+
+
 def test_streaming_chat_equals_the_whole_reply(client):
     kw = dict(max_tokens=20)
     whole = chat(client, "Name three fruits.", **kw)

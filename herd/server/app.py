@@ -88,7 +88,7 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), 
         alive = engine._thread is not None and engine._thread.is_alive()
         snap = engine.snapshot()
         body = {"status": "ok" if alive else "engine stopped", "model": model_name, "running": snap["running"],
-                "waiting": snap["waiting"]}
+                "waiting": snap["waiting"], "weights": state.weights}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics")

@@ -25,6 +25,9 @@ class ServerState:
         self.names = {model_name, *aliases}
         self.created = int(time.time())
         self.metrics = Metrics(engine.snapshot)
+        # how the weights are held: "gguf-blocks" (quantized layers, native kernels and decode step) or a float dtype
+        self.weights = "gguf-blocks" if any(hasattr(m, "ggml_type") for m in llm.model.modules()) \
+            else str(llm.model.norm.weight.dtype).removeprefix("torch.")
         self._tool_support: bool | None = None
         self._token_text: dict[int, tuple[str, list[int]]] = {}
 
