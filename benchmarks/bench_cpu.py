@@ -1,4 +1,4 @@
-"""herd vs llama.cpp vs transformers on the same GGUF file: `python benchmarks/bench_cpu.py --help` (= `herd bench`)."""
+"""herd vs llama-bench on the same GGUF file: `python benchmarks/bench_cpu.py --help` (= `herd bench cpu`)."""
 
 import sys
 

@@ -9,6 +9,7 @@ third process.
     python benchmarks/peers.py serve [--engine llama-server|herd] [--model GGUF] [-np 16] [--concurrency 16]
                                      [--server-args '...'] [--output-len 128] [--out FILE]
     python benchmarks/peers.py quantize [--types Q4_0,Q8_0,Q4_K_M,Q6_K]     (cached under .peers/models/)
+    python benchmarks/peers.py shapes [--presets llama-3.2-1b,llama-3.2-3b] [--types Q4_0,Q4_K_M]   (random weights)
 """
 
 from __future__ import annotations
@@ -269,6 +270,52 @@ def quantize_fallbacks(path: Path) -> str | None:
     return None
 
 
+def shape_model(preset: str, types=("Q4_0", "Q4_K_M"), out_dir: Path | None = None, threads: int = 2,
+                seed: int = 0) -> dict[str, Path]:
+    """Random-weight models of a herd.config.PRESETS shape (e.g. llama-3.2-1b), made once and cached: a float16 state
+    dict of N(0, 0.02) values (norms 1) with the Llama 3 tokenizer (llama_models' tokenizer.model) written as an
+    f16 GGUF by herd's own writer, llama-quantize'd to each type, the f16 intermediate deleted. Speed figures only:
+    the weights mean nothing, but every tensor has the released model's shape and type."""
+    import torch
+
+    from herd.config import PRESETS
+    from herd.formats import write_gguf
+    from herd.formats.gguf_vocab import tokenizer_to_gguf_metadata
+    from herd.formats.shapes import expected_shapes
+    from herd.tokenizer import load_tokenizer
+
+    out_dir = out_dir or PEERS / "models"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"random-{preset}"
+    outs = {q: out_dir / f"{stem}.{q}.gguf" for q in types}
+    if all(p.is_file() for p in outs.values()):
+        return outs
+    f16 = out_dir / f"{stem}.f16.gguf"
+    if not f16.is_file():
+        import llama_models
+
+        config = PRESETS[preset]
+        tok = load_tokenizer(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model")
+        gen = torch.Generator().manual_seed(seed)
+        sd = {}
+        for name, shape in expected_shapes(config).items():
+            if len(shape) == 1:
+                sd[name] = torch.ones(shape, dtype=torch.float16)
+            else:
+                sd[name] = (torch.randn(shape, generator=gen, dtype=torch.float32) * 0.02).to(torch.float16)
+        write_gguf(f16, config, sd, tokenizer_to_gguf_metadata(tok), None, quant="f16", name=stem)
+        del sd
+    for qtype, out in outs.items():
+        if not out.is_file():
+            tmp = out.with_name(out.name + ".tmp")
+            with open(out.with_name(out.name + ".log"), "w") as log:
+                subprocess.run([str(tool("llama-quantize")), str(f16), str(tmp), qtype, str(threads)], check=True,
+                               stdout=log, stderr=subprocess.STDOUT)
+            tmp.replace(out)
+    f16.unlink()
+    return outs
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -302,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--types", default=",".join(QUANT_TYPES))
 
+    p = sub.add_parser("shapes", help="random-weight models of Llama 3.2 1B / 3B shapes, llama-quantize'd (cached)")
+    p.add_argument("--presets", default="llama-3.2-1b,llama-3.2-3b")
+    p.add_argument("--types", default="Q4_0,Q4_K_M")
+
     args = ap.parse_args(argv)
     if args.command == "bench":
         report = llama_bench(args.model or default_model(), threads=args.threads, depths=args.depths,
@@ -320,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
                              concurrency=args.concurrency, requests=args.requests, input_len=args.input_len,
                              output_len=args.output_len, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
         write_results(args.out or RESULTS / f"serve_{args.engine.replace('-', '_')}.json", report)
+    elif args.command == "shapes":
+        for preset in args.presets.split(","):
+            for qtype, path in shape_model(preset, types=args.types.split(",")).items():
+                print(f"{preset} {qtype}: {path} ({path.stat().st_size / 1e9:.2f} GB)")
     else:
         for qtype, path in quantized_variants(args.model, types=args.types.split(",")).items():
             note = quantize_fallbacks(path)
