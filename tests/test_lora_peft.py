@@ -98,7 +98,7 @@ def test_peft_on_the_default_model(smollm_gguf, tmp_path):
 
     from herd.api import load
 
-    llm = load(smollm_gguf)
+    llm = load(smollm_gguf, keep_quantized=False)
     apply_lora(llm.model, rank=8, alpha=16)
     _randomize_lora(llm.model, seed=5)
     with torch.no_grad():

@@ -199,7 +199,7 @@ def test_gguf_with_quantized_experts_loads_as_quant_experts(tmp_path, monkeypatc
     path = tmp_path / "moe.gguf"
     write_gguf_llama4(path, config, random_model(config).state_dict(), _tiny_vocab_metadata(300), quant=quant)
     q = herd.load(path, keep_quantized=True)
-    f = herd.load(path)  # every tensor dequantized to float32
+    f = herd.load(path, keep_quantized=False)  # every tensor dequantized to float32
     qe = [m for m in q.model.modules() if isinstance(m, QuantExperts)]
     assert len(qe) == 2 and all(m.w13[0].type_name == quant.upper() == m.w2[0].type_name for m in qe)
     assert not any(type(m) is Experts for m in q.model.modules())

@@ -58,7 +58,7 @@ def test_blocks_equal_the_reference_quantizer_and_run_quantized(tiny256, tmp_pat
         assert np.array_equal(raw.reshape(-1), ref_quants.quantize(w, getattr(Q, kind)).reshape(-1))
     # herd runs the file with its quantized layers; logits equal those of the dequantized weights
     q = herd.load(out, keep_quantized=True)
-    f = herd.load(out)
+    f = herd.load(out, keep_quantized=False)
     lin = q.model.layers[0].feed_forward.w2
     assert isinstance(lin, QuantLinear) and lin.ggml_type == int(getattr(Q, kind))
     ids = q.tokenizer.encode("the quick brown fox jumps over the lazy dog " * 3)
