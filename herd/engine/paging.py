@@ -152,19 +152,41 @@ class PagePool:
                     self.free.append(page)
 
 
+OUTPUT_PROBE_ROWS = 1024
+
+
 def row_granule(model, max_rows: int = 64) -> int:
     """Smallest g such that the model's linear layers give each row bit-identical results for every row count
-    that is a multiple of g (BLAS kernels change with the row count). 0 if none up to 16 does."""
-    layer = model.layers[0].attention.wq
-    weight = next(iter(layer.parameters()), None)
-    dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
-    dim = model.config.dim
+    that is a multiple of g (BLAS kernels change with the row count, and each weight shape has its own boundaries:
+    on one CPU 64 -> 160 repeats every 4 rows, 160 -> 64 only every 8). Every distinct shape of a block's linear
+    layers is probed, and the output layer on its first OUTPUT_PROBE_ROWS outputs (the kernel choice follows the row
+    count and the inner size, not the number of outputs). 0 if no g up to 16 serves them all."""
+    probes = {}  # (kind, in, out) -> (forward, in_features, activation dtype)
+    for layer in model.layers[0].modules():
+        if hasattr(layer, "in_features") and hasattr(layer, "out_features") and not list(layer.children()):
+            weight = next(iter(layer.parameters()), None)
+            dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+            probes.setdefault((type(layer), layer.in_features, layer.out_features), (layer, layer.in_features, dtype))
+    out = getattr(model, "output", None)
+    if type(out) is torch.nn.Linear:
+        w = out.weight[:OUTPUT_PROBE_ROWS]
+        probes["output"] = (lambda x: torch.nn.functional.linear(x, w), out.in_features, w.dtype)
+    granule = 1
+    for forward, dim, dtype in probes.values():
+        g = _granule(forward, dim, dtype, max_rows)
+        if g == 0:
+            return 0
+        granule = max(granule, g)  # powers of two: the largest is a multiple of the others
+    return granule
+
+
+def _granule(forward, dim: int, dtype: torch.dtype, max_rows: int) -> int:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(max_rows, dim, generator=gen).to(dtype)
     with torch.inference_mode():
-        ref = layer(x[None])[0]
+        ref = forward(x[None])[0]
         for g in (1, 2, 4, 8, 16):
-            if all(torch.equal(layer(x[None, :m])[0], ref[:m]) and torch.equal(layer(x[:m]), ref[:m])
+            if all(torch.equal(forward(x[None, :m])[0], ref[:m]) and torch.equal(forward(x[:m]), ref[:m])
                    for m in range(g, max_rows + 1, g)):
                 return g
     return 0
