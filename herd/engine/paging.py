@@ -160,13 +160,17 @@ def row_granule(model, max_rows: int = 64) -> int:
     that is a multiple of g (BLAS kernels change with the row count, and each weight shape has its own boundaries:
     on one CPU 64 -> 160 repeats every 4 rows, 160 -> 64 only every 8). Every distinct shape of a block's linear
     layers is probed, and the output layer on its first OUTPUT_PROBE_ROWS outputs (the kernel choice follows the row
-    count and the inner size, not the number of outputs). 0 if no g up to 16 serves them all."""
-    probes = {}  # (kind, in, out) -> (forward, in_features, activation dtype)
-    for layer in model.layers[0].modules():
-        if hasattr(layer, "in_features") and hasattr(layer, "out_features") and not list(layer.children()):
-            weight = next(iter(layer.parameters()), None)
-            dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
-            probes.setdefault((type(layer), layer.in_features, layer.out_features), (layer, layer.in_features, dtype))
+    count and the inner size, not the number of outputs). Quantized layers run herd's own kernels: the first one is
+    probed. 0 if no g up to 16 serves them all."""
+    linears = [m for m in model.layers[0].modules()
+               if hasattr(m, "in_features") and hasattr(m, "out_features") and not list(m.children())]
+    if any(type(m) is not torch.nn.Linear for m in linears):  # quantized kernels: their first layer tells
+        weight = next(iter(linears[0].parameters()), None)
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+        return _granule(linears[0], linears[0].in_features, dtype, max_rows)
+    probes = {}  # (in, out) -> (forward, in_features, dtype)
+    for m in linears:
+        probes.setdefault((m.in_features, m.out_features), (m, m.in_features, m.weight.dtype))
     out = getattr(model, "output", None)
     if type(out) is torch.nn.Linear:
         w = out.weight[:OUTPUT_PROBE_ROWS]
