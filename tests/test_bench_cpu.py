@@ -2,6 +2,7 @@
 
 import argparse
 import math
+from pathlib import Path
 
 import pytest
 
@@ -97,11 +98,12 @@ def test_annotate_bounds_ratios_and_report_keys(tmp_path, monkeypatch):
     base = bench.write_outputs(report, tmp_path)
     import json
 
-    saved = json.loads(base.with_suffix(".json").read_text())
+    assert base.name == "bench_cpu_x.Q4_0"  # the format stays in the name
+    saved = json.loads(Path(f"{base}.json").read_text())
     for key in ("command", "model", "busy", "load_before", "load_after", "system", "herd", "llama_cpp", "file",
                 "bandwidth", "engines", "ratios"):
         assert key in saved
-    md = base.with_suffix(".md").read_text()
+    md = Path(f"{base}.md").read_text()
     assert "BUSY" not in md and "2.06x" in md
 
 

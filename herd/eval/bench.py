@@ -590,12 +590,12 @@ def chart(report: dict, path: Path) -> None:
 
 def write_outputs(report: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    base = out / f"bench_cpu_{stem_of(report['model'])}"
-    tmp = base.with_suffix(".json.tmp")
+    base = out / f"bench_cpu_{stem_of(report['model'])}"  # the stem keeps its dots: add suffixes, never replace
+    tmp = Path(f"{base}.json.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(base.with_suffix(".json"))
-    base.with_suffix(".md").write_text(markdown(report))
-    chart(report, base.with_suffix(".png"))
+    tmp.replace(f"{base}.json")
+    Path(f"{base}.md").write_text(markdown(report))
+    chart(report, Path(f"{base}.png"))
     return base
 
 

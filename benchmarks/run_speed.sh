@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The README's "## Speed" runs, in order, each after the machine is quiet (1-minute load average below 1.0, polled
+# every 20 s; at most WAIT_BUDGET_S of waiting over the whole suite, then each step runs anyway and is marked BUSY
+# by its own load check). Usage: benchmarks/run_speed.sh [step ...]
+# (steps: formats (= formats-main formats-rest) shapes serve quality)
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+OUT=benchmarks/results
+M=.peers/models
+DEFAULT=$($PY -c "from herd import hub; print(hub.resolve(None))")
+WAIT_BUDGET_S=${WAIT_BUDGET_S:-900}
+waited=0
+quiet() {
+  while awk '{exit !($1 >= 1.0)}' /proc/loadavg && [ "$waited" -lt "$WAIT_BUDGET_S" ]; do
+    sleep 20; waited=$((waited + 20))
+  done
+  echo "[run_speed] $(date +%T) load $(cut -d' ' -f1 /proc/loadavg) (waited ${waited}s in all): $*"
+}
+steps=${*:-formats shapes serve quality}
+for step in $steps; do case $step in
+  formats|formats-main|formats-rest)
+    main="$DEFAULT $M/SmolLM2-135M-Instruct.Q4_0.gguf"
+    rest="$M/SmolLM2-135M-Instruct.Q8_0.gguf $M/SmolLM2-135M-Instruct.Q4_K_M.gguf $M/SmolLM2-135M-Instruct.Q6_K.gguf"
+    case $step in formats) files="$main $rest" ;; formats-main) files=$main ;; *) files=$rest ;; esac
+    for f in $files; do
+      quiet "bench cpu $f"
+      $PY -m herd bench cpu --model "$f" --threads 1,2 --depths ${DEPTHS:-0,4096} --out $OUT
+    done ;;
+  shapes)
+    for f in $M/random-llama-3.2-1b.Q4_0.gguf $M/random-llama-3.2-1b.Q4_K_M.gguf \
+             $M/random-llama-3.2-3b.Q4_0.gguf $M/random-llama-3.2-3b.Q4_K_M.gguf; do
+      quiet "bench cpu $f"
+      $PY -m herd bench cpu --model "$f" --threads 2 --depths 0 --batch-repetitions 2 --out $OUT
+    done ;;
+  serve)
+    quiet "serve llama-server"
+    $PY benchmarks/peers.py serve --engine llama-server -np 16 --threads 2 --concurrency 1,4,16 --input-len 64 \
+        --output-len 128 --out $OUT/serve_llama_server.json
+    quiet "serve herd"
+    $PY benchmarks/peers.py serve --engine herd --threads 2 --concurrency 1,4,16 --input-len 64 \
+        --output-len 128 --port 18081 --out $OUT/serve_herd.json ;;
+  quality)
+    quiet "quality"
+    $PY benchmarks/quality.py --chunks ${CHUNKS:-16} --threads 2 ;;
+esac; done
