@@ -111,8 +111,10 @@ def make_vision_folders(root: Path) -> dict[str, str]:
     return {"llama4": str(root / "llama4"), "mllama": str(root / "mllama")}
 
 
-def run_commit(tree: Path, folders: dict) -> dict:
+def run_commit(tree: Path, folders: dict, no_native_decode: bool = False) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
+    if no_native_decode:  # both commits on the PyTorch decode path: isolates a change from the C step's arithmetic
+        env["HERD_NO_NATIVE_DECODE"] = "1"
     code = CHILD % {"prompts": PROMPTS}
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(folders)], cwd=tree, env=env, capture_output=True,
                           text=True)
@@ -122,11 +124,27 @@ def run_commit(tree: Path, folders: dict) -> dict:
     return json.loads(line[len("PARITY "):])
 
 
+def _first_difference(a, b, path="") -> str:
+    """Where two JSON values first differ, with both values (floats by their difference)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{i}]")
+    if isinstance(a, float) and isinstance(b, float):
+        return f"{path}: {a} vs {b} (difference {b - a:.3g})"
+    return f"{path}: {json.dumps(a)[:120]} vs {json.dumps(b)[:120]}"
+
+
 def compare(old: dict, new: dict) -> list[dict]:
     rows = []
     for key in old:
         if key == "server":
-            rows.append({"check": "server bodies", "equal": old[key] == new[key]})
+            diffs = [_first_difference(a, b) for a, b in zip(old[key], new[key]) if a != b]
+            rows.append({"check": "server bodies", "equal": not diffs, "differences": diffs[:4]})
             continue
         import numpy as np
 
@@ -140,6 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("old")
     ap.add_argument("new", nargs="?", default=None, help="a revision (default: this working tree)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "parity_commits.json"))
+    ap.add_argument("--no-native-decode", action="store_true", help="HERD_NO_NATIVE_DECODE=1 in both children")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -153,13 +172,14 @@ def main(argv=None) -> int:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), rev], check=True)
             trees.append(tree)
         try:
-            results = [run_commit(t, folders) for t in trees]
+            results = [run_commit(t, folders, args.no_native_decode) for t in trees]
         finally:
             for t in trees:
                 if t != ROOT:
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(t)], check=False)
     rows = compare(*results)
-    report = {"old": args.old, "new": args.new or "working tree", "checks": rows}
+    report = {"old": args.old, "new": args.new or "working tree", "no_native_decode": args.no_native_decode,
+              "checks": rows, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     for r in rows:
