@@ -7,7 +7,7 @@ STAMP := $(VENV)/.herd-installed
 LLAMACPP := $(VENV)/.llamacpp-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model run test test-all bench finetune-demo vision-demo clean peers
+.PHONY: setup model run test test-slow test-all bench finetune-demo vision-demo clean peers
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ run: model
 
 test: model $(LLAMACPP)
 	$(PY) -m pytest -q
+
+test-slow: model $(LLAMACPP)
+	$(PY) -m pytest -q -m slow
 
 test-all: model $(LLAMACPP)
 	$(PY) -m pytest -q -m ""
