@@ -41,7 +41,8 @@ test-slow: model $(LLAMACPP)
 test-all: model $(LLAMACPP)
 	$(PY) -m pytest -q -m ""
 
-bench: model $(LLAMACPP)
+# herd vs llama.cpp's own llama-bench (built by `make peers`) on the default model: benchmarks/results/
+bench: model peers
 	$(PY) benchmarks/bench_cpu.py
 
 # LoRA on the default model teaches it facts about a fictional organisation (examples/zephyrine); prints
