@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -179,6 +180,34 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def _busy_jiffies() -> int:
+    """All CPUs' non-idle time so far (/proc/stat, clock ticks)."""
+    for line in _proc_lines("/proc/stat"):
+        if line.startswith("cpu "):
+            v = [int(x) for x in line.split()[1:]]
+            return sum(v[:3]) + sum(v[5:8])  # user nice system, irq softirq steal
+    return 0
+
+
+@contextlib.contextmanager
+def foreign_cpu():
+    """CPU seconds other processes used while the block ran (all CPU time minus this process's and its reaped
+    children's), as a fraction of wall x cores: a load average taken before a run cannot see a process that starts
+    during it. A run with foreign_cpu_fraction above 0.1 shared the machine."""
+    hz = os.sysconf("SC_CLK_TCK")
+    own = lambda: sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime  # noqa: E731
+                      for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    out: dict = {}
+    j0, o0, t0 = _busy_jiffies(), own(), time.perf_counter()
+    try:
+        yield out
+    finally:
+        wall = time.perf_counter() - t0
+        foreign = max(0.0, (_busy_jiffies() - j0) / hz - (own() - o0))
+        out.update(foreign_cpu_s=round(foreign, 2),
+                   foreign_cpu_fraction=round(foreign / max(wall * (os.cpu_count() or 1), 1e-9), 3))
 
 
 # ------------------------------------------------------------------------------------------------ the model file
@@ -429,9 +458,13 @@ def run_cpu(args) -> dict:
             spec = {"model": str(model), "threads": t, "depths": args.depths, "n_prompt": args.n_prompt,
                     "n_gen": args.n_gen, "repetitions": args.repetitions, "batch": args.batch,
                     "batch_repetitions": args.batch_repetitions or args.repetitions}
-            report["engines"]["herd"].append(run_child(spec))
+            with foreign_cpu() as foreign:
+                res = run_child(spec)
+            report["engines"]["herd"].append({**res, **foreign})
         if "llama.cpp" in engines:
             print(f"[bench] threads {t}: llama-bench ...", flush=True)
+            foreign_cm = foreign_cpu()
+            foreign = foreign_cm.__enter__()
             res = llama_bench(model, t, args.depths, args.n_prompt, args.n_gen, args.repetitions)
             if args.batch and args.n_gen and "error" not in res:
                 b = llama_batched(model, t, args.batch, args.n_gen, args.batch_repetitions or args.repetitions)
@@ -441,7 +474,8 @@ def run_cpu(args) -> dict:
                     res["results"].append(b["row"])
                     res.update(batched_command=b["command"], batched_peak_rss_mb=b["peak_rss_mb"],
                                one_token_process_s=b["one_token_process_s"])
-            report["engines"]["llama.cpp"].append(res)
+            foreign_cm.__exit__(None, None, None)
+            report["engines"]["llama.cpp"].append({**res, **foreign})
         for e in engines:
             r = report["engines"][e][-1]
             print(f"[bench]   {e}: " + (r["error"][:300] if "error" in r else ", ".join(
@@ -545,7 +579,10 @@ def markdown(report: dict) -> str:
                      f"KV cache {run['kv_cache_dtype']}, activations {run['activations']}" if e == "herd" else
                      f"1-token llama-batched-bench process {run.get('one_token_process_s') or float('nan'):.2f} s, "
                      f"KV cache {run.get('kv_cache_dtype')}")
-            lines.append(f"- {e}, {run['threads']} threads: peak RSS {run['peak_rss_mb']:.0f} MB; {extra}")
+            fc = run.get("foreign_cpu_fraction")
+            shared = "" if fc is None else (f"; other processes used {fc:.0%} of the CPUs meanwhile"
+                                            + (" (**DISTURBED**)" if fc > 0.1 else ""))
+            lines.append(f"- {e}, {run['threads']} threads: peak RSS {run['peak_rss_mb']:.0f} MB; {extra}{shared}")
     lines.append("\npp: prefill of a 512-token prompt on top of `depth` cached tokens; tg: 128 single-token decode "
                  "steps after `depth`; b8_tg: aggregate decode of 8 sequences (llama.cpp: llama-batched-bench S_TG). "
                  "Mean ± stddev over the repetitions. Decode bound = bandwidth / bytes per token; prefill bound = "
