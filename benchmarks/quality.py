@@ -127,7 +127,7 @@ def markdown(report: dict) -> str:
             if "error" in e:
                 lines.append(f"| {fmt} | {name} | failed | | | |")
                 continue
-            lines.append(f"| {fmt} | {name} | {e['kld_mean']:.5f} ± {e.get('kld_err', 0):.5f} | "
+            lines.append(f"| {fmt} | {name} | {e['kld_mean']:.3g} ± {e.get('kld_err', 0):.2g} | "
                          f"{e.get('kld_p99', float('nan')):.4f} | {e['same_top_p']:.2f} ± {e['same_top_p_err']:.2f} | "
                          f"{e['delta_ppl']:+.4f} ± {e['delta_ppl_err']:.4f} |")
     return "\n".join(lines) + "\n"

@@ -2,7 +2,7 @@
 # The README's "## Speed" runs, in order, each after the machine is quiet (1-minute load average below 1.0, polled
 # every 20 s; at most WAIT_BUDGET_S of waiting over the whole suite, then each step runs anyway and is marked BUSY
 # by its own load check). Usage: benchmarks/run_speed.sh [step ...]
-# (steps: formats (= formats-main formats-rest) shapes serve quality)
+# (steps: formats (= formats-main formats-rest), fmt:Q4_0 (one variant), shapes, serve, quality)
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -25,13 +25,18 @@ for step in $steps; do case $step in
     case $step in formats) files="$main $rest" ;; formats-main) files=$main ;; *) files=$rest ;; esac
     for f in $files; do
       quiet "bench cpu $f"
-      $PY -m herd bench cpu --model "$f" --threads 1,2 --depths ${DEPTHS:-0,4096} --out $OUT
+      $PY -m herd bench cpu --model "$f" --threads 1,2 --depths ${DEPTHS:-0,4096} -r ${REPS:-5} --out $OUT
     done ;;
+  fmt:*)
+    f=$M/SmolLM2-135M-Instruct.${step#fmt:}.gguf
+    quiet "bench cpu $f"
+    $PY -m herd bench cpu --model "$f" --threads 1,2 --depths ${DEPTHS:-0,4096} -r ${REPS:-5} --out $OUT ;;
   shapes)
     for f in $M/random-llama-3.2-1b.Q4_0.gguf $M/random-llama-3.2-1b.Q4_K_M.gguf \
              $M/random-llama-3.2-3b.Q4_0.gguf $M/random-llama-3.2-3b.Q4_K_M.gguf; do
       quiet "bench cpu $f"
-      $PY -m herd bench cpu --model "$f" --threads 2 --depths 0 --batch-repetitions 2 --out $OUT
+      $PY -m herd bench cpu --model "$f" --threads 2 --depths 0 -r ${SHAPE_REPS:-5} \
+          --batch-repetitions ${SHAPE_BATCH_REPS:-2} --out $OUT
     done ;;
   serve)
     quiet "serve llama-server"

@@ -170,12 +170,13 @@ def quality_table(q: dict, shortfalls: list[str], png: Path, path: Path) -> list
     names, vals = [], {"herd int16": [], "herd int8": [], "llama.cpp": []}
     for fmt, r in q["formats"].items():
         h16, h8, lc = r.get("herd int16 act", {}), r.get("herd int8 act", {}), r.get("llama.cpp f16 KV", {})
-        k = lambda e: f"{e['kld_mean']:.4f} ± {e['kld_err']:.4f}" if "kld_mean" in e else "-"  # noqa: E731
+        k = lambda e: f"{e['kld_mean']:.3g} ± {e['kld_err']:.2g}" if "kld_mean" in e else "-"  # noqa: E731
         s = lambda e: f"{e['same_top_p']:.1f}" if "same_top_p" in e else "-"  # noqa: E731
         d = lambda e: f"{e['delta_ppl']:+.3f} ± {e['delta_ppl_err']:.3f}" if "delta_ppl" in e else "-"  # noqa: E731
         out.append(f"| {fmt} | {k(h16)} | {k(h8)} | {k(lc)} | {s(h16)} | {s(lc)} | {d(h16)} | {d(lc)} |")
         if "kld_mean" in h16 and "kld_mean" in lc and h16["kld_mean"] > lc["kld_mean"]:
-            shortfalls.append(f"quality, {fmt}: herd's KLD {h16['kld_mean']:.4f} > llama.cpp's {lc['kld_mean']:.4f}")
+            shortfalls.append(f"quality, {fmt}: herd's KLD {h16['kld_mean']:.4f} > llama.cpp's {lc['kld_mean']:.4f} "
+                              f"(target: at most llama.cpp's)")
         names.append(fmt)
         for key, e in (("herd int16", h16), ("herd int8", h8), ("llama.cpp", lc)):
             vals[key].append(e.get("kld_mean", 0))
