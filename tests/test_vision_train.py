@@ -375,6 +375,7 @@ def test_chat_image_command(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~9-10 minutes on 2 quiet cores: past the suite's 600 s default
 def test_demo_schedule_reaches_the_targets(tmp_path):
     s = train_vision(tmp_path / "vision", VisionTrainConfig(progress=False))
     acc = s["accuracy"]
