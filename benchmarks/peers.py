@@ -43,6 +43,18 @@ def tool(name: str) -> Path:
     return path
 
 
+
+def llama_quantize(f16: Path, out: Path, qtype: str, threads: int) -> None:
+    """out = llama-quantize(f16, qtype), written beside its name and moved into place, its log beside it; kept
+    when it exists already."""
+    if out.is_file():
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    with open(out.with_name(out.name + ".log"), "w") as log:
+        subprocess.run([str(tool("llama-quantize")), str(f16), str(tmp), qtype, str(threads)], check=True,
+                       stdout=log, stderr=subprocess.STDOUT)
+    tmp.replace(out)
+
 def build_info() -> dict | None:
     path = PEERS / "BUILD_INFO.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -250,12 +262,7 @@ def quantized_variants(source: Path | None = None, types=QUANT_TYPES, out_dir: P
     made = {}
     for qtype in types:
         out = out_dir / f16.name.replace(".f16.", f".{qtype}.")
-        if not out.is_file():
-            tmp = out.with_name(out.name + ".tmp")
-            with open(out.with_name(out.name + ".log"), "w") as log:
-                subprocess.run([str(tool("llama-quantize")), str(f16), str(tmp), qtype, str(threads)], check=True,
-                               stdout=log, stderr=subprocess.STDOUT)
-            tmp.replace(out)
+        llama_quantize(f16, out, qtype, threads)
         made[qtype] = out
     return made
 
@@ -306,12 +313,7 @@ def shape_model(preset: str, types=("Q4_0", "Q4_K_M"), out_dir: Path | None = No
         write_gguf(f16, config, sd, tokenizer_to_gguf_metadata(tok), None, quant="f16", name=stem)
         del sd
     for qtype, out in outs.items():
-        if not out.is_file():
-            tmp = out.with_name(out.name + ".tmp")
-            with open(out.with_name(out.name + ".log"), "w") as log:
-                subprocess.run([str(tool("llama-quantize")), str(f16), str(tmp), qtype, str(threads)], check=True,
-                               stdout=log, stderr=subprocess.STDOUT)
-            tmp.replace(out)
+        llama_quantize(f16, out, qtype, threads)
     f16.unlink()
     return outs
 
