@@ -181,7 +181,8 @@ class VisionLLM(LLM):
 
     accepts_images = True
 
-    def __init__(self, mm, tokenizer, chat_format, source: str = "", max_images: int | None = None):
+    def __init__(self, mm, tokenizer, chat_format, source: str = "", max_images: int | None = None,
+                 processing=None):
         from herd.engine.vision_step import VisionStep
 
         super().__init__(VisionStep(mm), tokenizer, chat_format, source)
@@ -189,6 +190,8 @@ class VisionLLM(LLM):
         self.kind = self.model.kind  # "mllama", "llama4" or "herd"
         self.config = self.model.text.config if self.kind != "mllama" else mm.config.text
         self.max_images = MAX_IMAGES if max_images is None else int(max_images)
+        # the checkpoint's image-processor settings (herd.images.ImageProcessing); None: the released model's
+        self.processing = processing
 
     def step(self):
         from herd.engine.vision_step import VisionStep
@@ -243,7 +246,8 @@ class VisionLLM(LLM):
             from herd.images import llama4_preprocess
 
             v = self.mm.vision.config
-            pre = llama4_preprocess(list(sources), tile_size=v.image_size, max_tiles=LLAMA4_MAX_TILES)
+            pre = llama4_preprocess(list(sources), tile_size=v.image_size, max_tiles=LLAMA4_MAX_TILES,
+                                    processing=self.processing)
             ids = self._dialog(image_parts(flat, pre.aspect_ratios), tools, len(sources), pre.aspect_ratios)
             want = sum(pre.tiles_per_image) * v.tokens_per_tile
             found = sum(1 for t in ids if t == self.mm.patch_token_id)
@@ -252,7 +256,7 @@ class VisionLLM(LLM):
                                       f"{len(sources)} image(s) give {want} patch embeddings")
             return ids, pre.pixel_values
         ids = self._dialog(image_parts(flat, None), tools, len(sources))
-        return ids, encode_multimodal_prompt(ids, sources, self.mm.config)
+        return ids, encode_multimodal_prompt(ids, sources, self.mm.config, self.processing)
 
     def _dialog(self, messages, tools, n_images: int, grids=None) -> list[int]:
         """Ids of the messages with their image parts. Meta's formats place images themselves; a chat template
@@ -268,7 +272,8 @@ class VisionLLM(LLM):
         count = sum(1 for t in ids if t == marker)
         if marker is None or count != n_images:
             raise GenerationError(f"the chat template placed {0 if marker is None else count} <|image|> tokens for "
-                                  f"{n_images} image(s)")
+                                  f"{n_images} image(s): {fmt.source} does not write image parts as <|image|>; give "
+                                  f"one that does with --chat-template FILE_OR_STRING")
         if self.kind == "mllama":
             return [self.mm.config.image_token_id if t == marker else t for t in ids]
         layout = Llama4ChatFormat(self.tokenizer, patches_per_tile=self.mm.vision.config.tokens_per_tile)
@@ -375,7 +380,8 @@ def load_multimodal(path: str | Path, kind: str, dtype=None, *, chat_template: s
     from herd.chat_format import JinjaChatFormat, Llama3ChatFormat, Llama4ChatFormat
     from herd.errors import ConfigError
     from herd.formats import _hf_chat_template
-    from herd.formats.mllama import build_mllama, load_llama4_multimodal_hf, load_mllama_hf, load_mllama_meta
+    from herd.formats.mllama import (build_mllama, load_llama4_multimodal_hf, load_mllama_hf, load_mllama_meta,
+                                     read_image_processing)
 
     path = Path(path)
     dtype = parse_dtype(dtype)
@@ -385,8 +391,10 @@ def load_multimodal(path: str | Path, kind: str, dtype=None, *, chat_template: s
         if dtype is None:
             dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
         mm = build_mllama(config, sd, dtype)
+        processing = read_image_processing(path, kind, config.vision.image_size, config.vision.max_num_tiles)
     elif kind == "llama4":
         mm = load_llama4_multimodal_hf(path, dtype or _hf_dtype(path))
+        processing = read_image_processing(path, kind, mm.vision.config.image_size)
     else:
         raise ConfigError(f"{path}: unknown multimodal kind {kind!r} (mllama, llama4)")
     tokenizer = fmt = None
@@ -398,6 +406,8 @@ def load_multimodal(path: str | Path, kind: str, dtype=None, *, chat_template: s
     if tokenizer is not None:
         if template:
             fmt = JinjaChatFormat(tokenizer, template)
+            fmt.source = ("the chat template given (chat_template=...)" if chat_template is not None else
+                          f"the chat template of {_template_file(path)}")
         elif kind == "llama4":
             fmt = Llama4ChatFormat(tokenizer, patches_per_tile=mm.vision.config.tokens_per_tile)
         else:
@@ -405,7 +415,13 @@ def load_multimodal(path: str | Path, kind: str, dtype=None, *, chat_template: s
             fmt.IMAGE_ID = mm.config.image_token_id  # the model's <|image|> row (128256 in the released models)
     if max_images is not None and max_images < 1:
         raise ConfigError(f"max_images must be at least 1, got {max_images}")
-    return VisionLLM(mm, tokenizer, fmt, str(path), max_images)
+    return VisionLLM(mm, tokenizer, fmt, str(path), max_images, processing)
+
+
+def _template_file(folder: Path) -> Path:
+    """The file an HF folder's chat template is read from (as herd.formats._hf_chat_template reads it)."""
+    jinja = folder / "chat_template.jinja"
+    return jinja if jinja.exists() else folder / "tokenizer_config.json"
 
 
 def load_tokenizer_only(path: str | Path | None = None):

@@ -485,6 +485,8 @@ def _jinja_env():
 class JinjaChatFormat(ChatFormat):
     """A HF / GGUF `chat_template`; the rendered text is encoded with specials recognised and no extra BOS."""
 
+    source = "the chat template"  # where it came from (a checkpoint's file, the caller), named in errors
+
     def __init__(self, tokenizer: Tokenizer, template: str, **template_vars: Any) -> None:
         import jinja2
 
@@ -518,6 +520,15 @@ class JinjaChatFormat(ChatFormat):
                                         add_generation_prompt=add_generation_prompt, **context)  # fmt: skip
         except jinja2.TemplateError as e:
             raise GenerationError(f"chat template rejected the messages: {e}") from None
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+            # a plain text template concatenates content as a string: a list of parts fails inside jinja
+            if any(isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") not in
+                                                              ("text", "input_text") for p in m["content"])
+                   for m in msgs):
+                raise GenerationError(f"{self.source} cannot render image parts ({type(e).__name__}: {e}); give a "
+                                      f"template that can with --chat-template FILE_OR_STRING (herd.load(..., "
+                                      f"chat_template=TEXT))") from None
+            raise GenerationError(f"{self.source} failed on these messages ({type(e).__name__}: {e})") from None
 
     def encode_dialog(self, messages, *, add_generation_prompt=True, tools=None, **template_vars) -> list[int]:
         text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_vars)
@@ -559,6 +570,37 @@ def _json_arguments(call: dict) -> dict:
 
 
 # ================================================================================================ choice
+
+
+def load_chat_template(value: str) -> str:
+    """A --chat-template value -> template text: a template file (Jinja text, or a tokenizer_config.json with a
+    chat_template), else the value itself when it is a Jinja template; FormatError naming the value otherwise."""
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a template's text can be too long, or hold NUL, for a file name
+        is_file = False
+    if is_file:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise FormatError(f"chat template file {path}: cannot be read as UTF-8 text ({e})") from None
+        if path.suffix == ".json":
+            try:
+                template = json.loads(text).get("chat_template")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise FormatError(f"chat template file {path}: not a JSON object ({e})") from None
+            if isinstance(template, list):  # named templates: the default one
+                template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+            if not isinstance(template, str):
+                raise FormatError(f"chat template file {path}: a JSON file needs a chat_template string")
+            return template
+        return text
+    if "{{" in value or "{%" in value:
+        return value
+    raise FormatError(f"chat template {value[:80]!r}: no such file, and not a Jinja template (no '{{{{' or '{{%')")
 
 
 def chat_format_for(tokenizer: Tokenizer, family: str, chat_template: str | None = None) -> ChatFormat:

@@ -50,6 +50,11 @@ def load_options(args) -> dict:
     return dict(keep_quantized=keep, quantization=getattr(args, "quantization", None))
 
 
+def _add_chat_template(p):
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_STRING", help="a Jinja chat template (a file, "
+                   "a tokenizer_config.json, or the template text) replacing the model's, e.g. one that places images")
+
+
 def _add_images(p):
     p.add_argument("--image", action="append", default=None, metavar="PATH",
                    help="an image to ask about (repeatable): needs a vision checkpoint or a vision model (--vision)")
@@ -90,7 +95,12 @@ def _load_llm(args):
         from herd.formats.peft import adapter_base
 
         model = adapter_base(adapter)
-    llm = load(model, args.dtype, **load_options(args))
+    template = getattr(args, "chat_template", None)
+    if template is not None:
+        from herd.chat_format import load_chat_template
+
+        template = load_chat_template(template)
+    llm = load(model, args.dtype, chat_template=template, **load_options(args))
     if adapter:
         from herd.formats.peft import apply_adapter
 
@@ -290,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", required=True)
     p.add_argument("--raw", action="store_true", help="no chat template: complete the text as it is")
     p.add_argument("--json", action="store_true", help="print {prompt_ids, output_ids, text}")
+    _add_chat_template(p)
     _add_images(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
@@ -297,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat (one answer when stdin is not a terminal)")
     _add_model(p)
     p.add_argument("--system", default=None, help="system prompt")
+    _add_chat_template(p)
     _add_images(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_chat, max_tokens=512)

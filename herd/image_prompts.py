@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from herd.errors import FormatError, GenerationError
-from herd.images import mllama_preprocess
+from herd.images import ImageProcessing, mllama_preprocess
 from herd.models.mllama import MllamaConfig, MllamaInputs, cross_attention_mask
 
 _SENTINEL = "\ue000herd-image\ue000"  # a private-use character pair: never in real text
@@ -162,10 +162,15 @@ def user_message(text: str, images: Sequence = ()) -> dict:
             + [{"type": "text", "text": text}]}
 
 
-def encode_multimodal_prompt(tokens: list[int], images, config: MllamaConfig) -> MllamaInputs:
-    """Token ids holding one <|image|> (config.image_token_id) per image + image sources -> MllamaInputs."""
+def encode_multimodal_prompt(tokens: list[int], images, config: MllamaConfig,
+                             processing: ImageProcessing | None = None) -> MllamaInputs:
+    """Token ids holding one <|image|> (config.image_token_id) per image + image sources -> MllamaInputs; the pixels
+    as `processing` says (the checkpoint's image processor; default: the released model's, at config's tile size)."""
     v = config.vision
-    pre = mllama_preprocess(list(images), tile_size=v.image_size, max_tiles=v.max_num_tiles)
+    if processing is not None and (processing.tile_size, processing.max_tiles) != (v.image_size, v.max_num_tiles):
+        raise GenerationError(f"{processing.source}: {processing.max_tiles} tiles of {processing.tile_size} pixels, "
+                              f"but the model takes {v.max_num_tiles} tiles of {v.image_size}")
+    pre = mllama_preprocess(list(images), tile_size=v.image_size, max_tiles=v.max_num_tiles, processing=processing)
     mask = cross_attention_mask(tokens, pre.num_tiles, v.max_num_tiles, config.image_token_id)
     return MllamaInputs(torch.tensor([tokens]), pre.pixel_values[None], pre.aspect_ratio_ids[None],
                         pre.aspect_ratio_mask[None], mask[None])

@@ -4,13 +4,15 @@ Loading bounds the decoded size before any pixel is decoded, verifies that the w
 an error, never a silently grey image) and converts every supported mode to 8-bit RGB, compositing alpha on white
 (as transformers' convert_to_rgb does).
 
-Preprocessing (SPEC.md §5, §6):
-* Llama 3.2 Vision (Mllama): best-fit canvas of at most `max_tiles` tiles, resize without distortion with Pillow's
-  bilinear filter, zero padding right/bottom, /255, CLIP mean/std, row-major tiles; the same numbers as
-  transformers' MllamaImageProcessor (its Pillow backend) and Meta's VariableSizeImageTransform.
+Preprocessing (SPEC.md §5, §6) follows the checkpoint's own image-processor settings (ImageProcessing, read from
+preprocessor_config.json or processor_config.json by herd/formats/mllama.py); the defaults are the released models':
+* Llama 3.2 Vision (Mllama): best-fit canvas of at most `max_tiles` tiles, resize without distortion with a Pillow
+  filter (bilinear), zero padding right/bottom, rescale (1/255), normalize (CLIP mean/std), row-major tiles; the same
+  numbers as transformers' MllamaImageProcessor (its Pillow backend) and Meta's VariableSizeImageTransform.
 * Llama 4: best-fit canvas of at most 16 tiles (upscaling limited to one tile edge), antialiased bilinear resize of a
-  uint8 tensor (torch's kernel, which torchvision calls), zero padding, rescale and normalize in bfloat16, and a
-  whole-image "global" tile appended when there is more than one tile; as transformers' Llama4ImageProcessor.
+  uint8 tensor (torch's kernel, which torchvision calls), zero padding, rescale and normalize in bfloat16 (mean = std
+  = 0.5), and a whole-image "global" tile appended when there is more than one tile; as transformers'
+  Llama4ImageProcessor.
 """
 
 from __future__ import annotations
@@ -36,6 +38,30 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Pillow's resampling filters by the numbers transformers writes as `resample` (PILImageResampling's values)
+PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+@dataclass(frozen=True)
+class ImageProcessing:
+    """The pixel settings of a vision checkpoint: its image processor's, or the released models' defaults."""
+
+    tile_size: int  # tile edge in pixels (`size`)
+    max_tiles: int  # tiles per image at most (Mllama `max_image_tiles`, Llama 4 `max_patches`)
+    mean: tuple[float, ...]  # per channel (`image_mean`), used when normalize
+    std: tuple[float, ...]  # per channel (`image_std`)
+    resample: int = 2  # a PIL_FILTERS number; Llama 4 takes bilinear only
+    rescale: bool = True  # multiply the 0..255 values by rescale_factor (`do_rescale`)
+    rescale_factor: float = 1 / 255
+    normalize: bool = True  # (x - mean) / std (`do_normalize`)
+    convert_rgb: bool = True  # other modes converted to RGB (`do_convert_rgb`); when False they are refused
+    resize_to_max_canvas: bool = False  # Llama 4: the largest canvas instead of the least upscaling
+    source: str = "defaults"  # where the settings come from, for the error messages
+
+
+MLLAMA_PROCESSING = ImageProcessing(560, 4, CLIP_MEAN, CLIP_STD)
+LLAMA4_PROCESSING = ImageProcessing(336, 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 # Pillow modes that convert to RGB without losing meaning; 16/32-bit integer and float modes do not (their values
 # are clipped to 0..255 by Pillow), so they are refused with a message naming the mode.
@@ -102,9 +128,19 @@ def _load_strict(image) -> None:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS):
+def _rgb(image, what: str, convert: bool):
+    if convert:
+        return to_rgb(image, what)
+    if image.mode != "RGB":  # unconverted, a 1- or 4-channel array would reach a 3-channel model
+        raise FormatError(f"{what}: image mode {image.mode!r}, and the checkpoint's image processor says "
+                          f"do_convert_rgb: false, so only RGB images are taken; convert the image to RGB first")
+    return image
+
+
+def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, convert_rgb: bool = True):
     """Path, bytes or base64 data: URL (or a Pillow image) -> 8-bit RGB Pillow image; FormatError when it is not a
-    complete image, is larger than max_pixels, or has a mode herd cannot convert."""
+    complete image, is larger than max_pixels, or has a mode herd cannot convert (any mode but RGB when
+    convert_rgb is False)."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, Image.Image):
@@ -112,7 +148,7 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS):
         w, h = source.size
         if w * h > max_pixels:
             raise FormatError(f"{what}: {w}x{h} pixels, more than the limit of {max_pixels}")
-        return to_rgb(source, what)
+        return _rgb(source, what, convert_rgb)
     what = "image bytes" if isinstance(source, (bytes, bytearray, memoryview)) else (
         "data: URL" if isinstance(source, str) and source.startswith("data:") else str(source))
     data = _source_bytes(source, what)
@@ -140,7 +176,7 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS):
         raise FormatError(f"{what}: image too large, more than the limit of {max_pixels} pixels ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise FormatError(f"{what}: image data is truncated or corrupt ({e})") from None
-    return to_rgb(image, what)
+    return _rgb(image, what, convert_rgb)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,33 +223,39 @@ class MllamaImages:
     aspect_ratios: list[tuple[int, int]]  # (rows, cols) per image
 
 
-def mllama_preprocess(images, tile_size: int = 560, max_tiles: int = 4, mean=CLIP_MEAN, std=CLIP_STD) -> MllamaImages:
-    """Sources (anything load_image takes) -> MllamaImages, equal to transformers' MllamaImageProcessor output."""
+def mllama_preprocess(images, tile_size: int = 560, max_tiles: int = 4, mean=CLIP_MEAN, std=CLIP_STD,
+                      processing: ImageProcessing | None = None) -> MllamaImages:
+    """Sources (anything load_image takes) -> MllamaImages, equal to transformers' MllamaImageProcessor output
+    (Pillow backend). `processing` (a checkpoint's settings) replaces tile_size, max_tiles, mean and std."""
     from PIL import Image
 
+    p = processing or ImageProcessing(tile_size, max_tiles, tuple(mean), tuple(std))
+    tile_size, max_tiles = p.tile_size, p.max_tiles
     if not isinstance(images, (list, tuple)):
         images = [images]
     if not images:
         raise FormatError("mllama_preprocess needs at least one image")
     grids = mllama_aspect_ratios(max_tiles)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    mean_t = torch.tensor(p.mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(p.std, dtype=torch.float32).view(-1, 1, 1)
     pixels = torch.zeros(len(images), max_tiles, 3, tile_size, tile_size)
     ids = torch.zeros(len(images), dtype=torch.int64)
     mask = torch.zeros(len(images), max_tiles, dtype=torch.int64)
     mask[:, 0] = 1
     num_tiles, ratios = [], []
     for n, src in enumerate(images):
-        img = load_image(src)
+        img = load_image(src, convert_rgb=p.convert_rgb)
         w, h = img.size
         rows, cols = mllama_canvas(h, w, tile_size, max_tiles)
         new_h, new_w = mllama_resized_size(h, w, rows * tile_size, cols * tile_size, tile_size)
-        img = img.resize((new_w, new_h), resample=Image.BILINEAR)
+        img = img.resize((new_w, new_h), resample=Image.Resampling(p.resample))
         canvas = torch.zeros(3, rows * tile_size, cols * tile_size, dtype=torch.uint8)
         canvas[:, :new_h, :new_w] = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
         # rescale in float64 then round to float32, normalize in float32: the same operations as transformers
-        x = (canvas.double() * (1 / 255)).float()
-        x = (x - mean_t) / std_t
+        # (without rescale, the 0..255 values are cast to float32 first, as its normalize does)
+        x = (canvas.double() * p.rescale_factor).float() if p.rescale else canvas.float()
+        if p.normalize:
+            x = (x - mean_t) / std_t
         tiles = x.view(3, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, tile_size,
                                                                                           tile_size)
         pixels[n, :rows * cols] = tiles
@@ -238,13 +280,14 @@ def llama4_resolutions(max_tiles: int, tile: int) -> list[tuple[int, int]]:
     return [(r * tile, c * tile) for grids in by_ratio.values() for r, c in grids]
 
 
-def llama4_canvas(height: int, width: int, tile: int, max_tiles: int) -> tuple[int, int]:
-    """Best-fit canvas (h, w) in pixels; scales in float32 as the reference computes them on tensors."""
+def llama4_canvas(height: int, width: int, tile: int, max_tiles: int, to_max: bool = False) -> tuple[int, int]:
+    """Best-fit canvas (h, w) in pixels: the least upscaling (the largest when to_max, transformers'
+    resize_to_max_canvas), else the least downscaling; scales in float32 as the reference computes them on tensors."""
     res = torch.tensor(llama4_resolutions(max_tiles, tile))
     scale_h, scale_w = res[:, 0] / height, res[:, 1] / width
     scales = torch.where(scale_h > scale_w, scale_w, scale_h)
     up = scales[scales >= 1]
-    chosen = up.min() if len(up) else scales[scales < 1].max()
+    chosen = (up.max() if to_max else up.min()) if len(up) else scales[scales < 1].max()
     candidates = res[scales == chosen]
     best = candidates[torch.argmin(candidates[:, 0] * candidates[:, 1])]
     return int(best[0]), int(best[1])
@@ -265,11 +308,18 @@ def _resize_uint8(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
                          antialias=True)[0]
 
 
-def _bf16_normalize(x: torch.Tensor) -> torch.Tensor:
-    # the reference rescales and normalizes in bfloat16 (as Meta's original code did), mean = std = 0.5
-    x = x.to(torch.bfloat16) * (1 / 255)
-    half = torch.tensor(0.5, dtype=torch.bfloat16)
-    return (x - half) / half
+def _llama4_rescale_normalize(x: torch.Tensor, p: ImageProcessing) -> torch.Tensor:
+    """uint8 (…, 3, H, W) -> pixel values. Rescale and normalize together run in bfloat16 (as Meta's original code
+    and transformers' Llama4ImageProcessor do); rescale alone in float32, as its `images * rescale_factor`."""
+    if p.rescale and p.normalize:
+        x = x.to(torch.bfloat16) * p.rescale_factor
+        mean = torch.tensor(p.mean, dtype=torch.bfloat16).view(-1, 1, 1)
+        std = torch.tensor(p.std, dtype=torch.bfloat16).view(-1, 1, 1)
+        return (x - mean) / std
+    if p.rescale:
+        return x * p.rescale_factor
+    raise FormatError(f"{p.source}: do_rescale {p.rescale}, do_normalize {p.normalize}: herd takes Llama 4 pixels "
+                      f"rescaled (normalized or not); transformers' normalize refuses the 0..255 integers")
 
 
 @dataclass
@@ -281,29 +331,38 @@ class Llama4Images:
     tiles_per_image: list[int]  # rows*cols, plus 1 for the global tile when rows*cols > 1
 
 
-def llama4_preprocess(images, tile_size: int = 336, max_tiles: int = 16) -> Llama4Images:
-    """Sources -> Llama4Images, as transformers' Llama4ImageProcessor (resize_to_max_canvas=False)."""
+def llama4_preprocess(images, tile_size: int = 336, max_tiles: int = 16,
+                      processing: ImageProcessing | None = None) -> Llama4Images:
+    """Sources -> Llama4Images, as transformers' Llama4ImageProcessor. `processing` (a checkpoint's settings)
+    replaces tile_size and max_tiles; without it mean = std = 0.5, bilinear, no resize_to_max_canvas."""
+    p = processing or ImageProcessing(tile_size, max_tiles, LLAMA4_PROCESSING.mean, LLAMA4_PROCESSING.std)
+    tile_size, max_tiles = p.tile_size, p.max_tiles
+    if p.resample != 2:
+        raise FormatError(f"{p.source}: resample {p.resample} ({PIL_FILTERS.get(p.resample, '?')}): herd resizes "
+                          f"Llama 4 images with the bilinear filter (2) only")
     if not isinstance(images, (list, tuple)):
         images = [images]
     if not images:
         raise FormatError("llama4_preprocess needs at least one image")
     out, ratios, counts = [], [], []
     for src in images:
-        img = load_image(src)
+        img = load_image(src, convert_rgb=p.convert_rgb)
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
         h, w = x.shape[-2:]
-        canvas_h, canvas_w = llama4_canvas(h, w, tile_size, max_tiles)
-        # upscale at most to one tile edge: a small image stays small on its canvas
-        limit_h, limit_w = min(max(h, tile_size), canvas_h), min(max(w, tile_size), canvas_w)
+        canvas_h, canvas_w = llama4_canvas(h, w, tile_size, max_tiles, to_max=p.resize_to_max_canvas)
+        if p.resize_to_max_canvas:
+            limit_h, limit_w = canvas_h, canvas_w
+        else:  # upscale at most to one tile edge: a small image stays small on its canvas
+            limit_h, limit_w = min(max(h, tile_size), canvas_h), min(max(w, tile_size), canvas_w)
         new_h, new_w = _fit_without_distortion(h, w, limit_h, limit_w)
         resized = _resize_uint8(x, max(new_h, 1), max(new_w, 1))
         canvas = F.pad(resized, (0, canvas_w - resized.shape[-1], 0, canvas_h - resized.shape[-2]))
-        canvas = _bf16_normalize(canvas)
+        canvas = _llama4_rescale_normalize(canvas, p)
         rows, cols = canvas_h // tile_size, canvas_w // tile_size
         tiles = canvas.view(3, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4).reshape(
             rows * cols, 3, tile_size, tile_size)
         if rows * cols > 1:
-            glob = _bf16_normalize(_resize_uint8(x, tile_size, tile_size))
+            glob = _llama4_rescale_normalize(_resize_uint8(x, tile_size, tile_size), p)
             tiles = torch.cat([tiles, glob[None]])
         out.append(tiles)
         ratios.append((rows, cols))

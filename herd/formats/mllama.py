@@ -7,13 +7,17 @@ Meta layout (`consolidated.*.pth` + params.json): separate `layers` and `cross_a
 grids [max_tiles, max_tiles, ...] that are expanded here into herd's per-aspect-ratio tables. Also the vision tower of
 HF Llama 4 (Llama4ForConditionalGeneration), whose text part llama4.py reads. Name tables are in keymaps.py.
 
-Floor 6 (formats); imports herd.config, herd.errors, herd.models, herd.ops and formats' containers, io, keymaps,
-shapes and llama4.py (a family builds on the containers; nothing below imports this module).
+The image processor's settings of both families (preprocessor_config.json / processor_config.json) are read at the
+end of this module into herd.images.ImageProcessing.
+
+Floor 6 (formats); imports herd.config, herd.errors, herd.images, herd.models, herd.ops and formats' containers, io,
+keymaps, shapes and llama4.py (a family builds on the containers; nothing below imports this module).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ from herd.formats.hf import read_hf_tensors, rope_scaling
 from herd.formats.io import cast, read_json
 from herd.formats.meta import PARAMS_KEYS, load_shard, read_params
 from herd.formats.shapes import check_tensors
+from herd.images import LLAMA4_PROCESSING, MLLAMA_PROCESSING, PIL_FILTERS, ImageProcessing
 from herd.models.mllama import IMAGE_TOKEN_ID, Mllama, MllamaConfig, fusion_schedule
 from herd.models.vision import MllamaVisionConfig
 
@@ -372,3 +377,141 @@ def _assign(module: torch.nn.Module, sd: dict, dtype: torch.dtype, where: str) -
     module.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
     for p in module.parameters():
         p.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image processor settings: preprocessor_config.json, or the image_processor section of the processor_config.json
+# that transformers 5.x writes (which wins when both are there, as in transformers). A null value states nothing
+# (transformers takes its class default); a value herd cannot honour is a ConfigError naming the key and value.
+
+PROCESSOR_FILE, PREPROCESSOR_FILE = "processor_config.json", "preprocessor_config.json"
+_PROCESSOR_TYPES = {"mllama": ("MllamaImageProcessor", "MllamaImageProcessorFast", "MllamaImageProcessorPil"),
+                    "llama4": ("Llama4ImageProcessor", "Llama4ImageProcessorFast")}
+_MAX_TILES_KEY = {"mllama": "max_image_tiles", "llama4": "max_patches"}
+# keys that say nothing about the pixel values of a PIL image: class names, the tensor type and device of the output,
+# the layout of array inputs, the batching of equal shapes; default_to_square and crop_size are read only for
+# shortest-edge sizes and with do_center_crop, which herd refuses below
+_PROCESSOR_IGNORED = {"image_processor_type", "processor_class", "return_tensors", "device", "input_data_format",
+                      "disable_grouping", "default_to_square", "crop_size"}
+_PROCESSOR_USED = {"size", "image_mean", "image_std", "resample", "do_rescale", "rescale_factor", "do_normalize",
+                   "do_convert_rgb", "do_resize", "data_format", "do_center_crop"}
+_PROCESSOR_FAMILY = {"mllama": {"max_image_tiles", "do_pad"}, "llama4": {"max_patches", "resize_to_max_canvas"}}
+
+
+def read_processor_config(folder: str | Path) -> tuple[dict | None, str]:
+    """(the image processor's settings, where they were read) of an HF folder; (None, '') when it has neither file."""
+    folder = Path(folder)
+    if (folder / PROCESSOR_FILE).exists():
+        d = read_json(folder / PROCESSOR_FILE)
+        section = d.get("image_processor")
+        if section is not None:
+            where = f"{folder / PROCESSOR_FILE} image_processor"
+            if not isinstance(section, dict):
+                raise ConfigError(f"{where}: expected a JSON object, found {type(section).__name__}")
+            return section, where
+    if (folder / PREPROCESSOR_FILE).exists():
+        return read_json(folder / PREPROCESSOR_FILE), str(folder / PREPROCESSOR_FILE)
+    return None, ""
+
+
+def _flag(d: dict, key: str, default: bool, where: str) -> bool:
+    v = d.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}: {key} {v!r} must be true or false")
+    return v
+
+
+def _channels(d: dict, key: str, default: tuple, where: str) -> tuple[float, ...]:
+    v = d.get(key)
+    if v is None:
+        return default
+    values = [v] * 3 if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+    if (not isinstance(values, list) or len(values) != 3
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values)):
+        raise ConfigError(f"{where}: {key} {v!r} must be 3 numbers (one per RGB channel) or one number")
+    if key == "image_std" and any(x == 0 for x in values):
+        raise ConfigError(f"{where}: {key} {v!r} has a zero: normalizing would divide by it")
+    return tuple(float(x) for x in values)
+
+
+def _tile_size(d: dict, default: int, where: str) -> int:
+    v = d.get("size")
+    if v is None:
+        return default
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = {"height": v, "width": v}
+    if not isinstance(v, dict) or set(k for k, x in v.items() if x is not None) != {"height", "width"}:
+        raise ConfigError(f"{where}: size {v!r}: herd takes square tiles given as {{\"height\": N, \"width\": N}} "
+                          f"(not shortest_edge / longest_edge sizes)")
+    h, w = v["height"], v["width"]
+    if not (isinstance(h, int) and isinstance(w, int) and h == w and h > 0):
+        raise ConfigError(f"{where}: size {v!r}: height and width must be the same positive integer (square tiles)")
+    return h
+
+
+def image_processing_from_hf(d: dict | None, kind: str, tile_size: int, max_tiles: int | None = None,
+                             where: str = PREPROCESSOR_FILE) -> ImageProcessing:
+    """An image processor's settings (read_processor_config) -> ImageProcessing for a model whose vision tower takes
+    tile_size-pixel tiles (and, Mllama, exactly max_tiles tiles). None: the released models' settings."""
+    base = MLLAMA_PROCESSING if kind == "mllama" else LLAMA4_PROCESSING
+    if kind not in _PROCESSOR_TYPES:
+        raise ConfigError(f"{where}: unknown vision model kind {kind!r} (mllama, llama4)")
+    tiles_key = _MAX_TILES_KEY[kind]
+    if d is None:
+        return replace(base, tile_size=tile_size, max_tiles=max_tiles if kind == "mllama" else base.max_tiles,
+                       source=f"{base.source} of {kind} (no {PREPROCESSOR_FILE})")
+    d = {k: v for k, v in d.items() if v is not None}
+    unknown = sorted(set(d) - _PROCESSOR_USED - _PROCESSOR_IGNORED - _PROCESSOR_FAMILY[kind])
+    if unknown:
+        raise ConfigError(f"{where}: image processor setting(s) herd does not know for {kind}: "
+                          + ", ".join(f"{k} {d[k]!r}" for k in unknown))
+    kind_name = d.get("image_processor_type")
+    if kind_name is not None and kind_name not in _PROCESSOR_TYPES[kind]:
+        raise ConfigError(f"{where}: image_processor_type {kind_name!r}, but this {kind} model takes "
+                          f"{' or '.join(_PROCESSOR_TYPES[kind])}")
+    for key, must in (("do_resize", True), ("do_pad", True), ("do_center_crop", False)):
+        if key in d and d[key] is not must:
+            raise ConfigError(f"{where}: {key} {d[key]!r}: the {kind} vision model takes only "
+                              f"{str(must).lower()} (tiles of the size the model was trained on)")
+    if d.get("data_format", "channels_first") != "channels_first":
+        raise ConfigError(f"{where}: data_format {d['data_format']!r}: the vision model takes channels_first pixels")
+    tile = _tile_size(d, tile_size, where)
+    if tile != tile_size:
+        raise ConfigError(f"{where}: size {d['size']!r}, but the model's vision_config image_size is {tile_size}: "
+                          f"its position embeddings are for {tile_size}-pixel tiles")
+    n = d.get(tiles_key, max_tiles if kind == "mllama" else base.max_tiles)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"{where}: {tiles_key} {n!r} must be a positive integer")
+    if kind == "mllama" and n != max_tiles:
+        raise ConfigError(f"{where}: {tiles_key} {n}, but the model's vision_config max_num_tiles is {max_tiles}: its "
+                          f"tile and aspect-ratio embeddings are for {max_tiles} tiles")
+    resample = d.get("resample", base.resample)
+    if isinstance(resample, str) and resample.lower() in PIL_FILTERS.values():
+        resample = next(k for k, v in PIL_FILTERS.items() if v == resample.lower())
+    if resample not in PIL_FILTERS or isinstance(resample, bool):
+        raise ConfigError(f"{where}: resample {resample!r} is not a Pillow filter "
+                          f"({', '.join(f'{k} {v}' for k, v in PIL_FILTERS.items())})")
+    if kind == "llama4" and resample != 2:
+        raise ConfigError(f"{where}: resample {resample} ({PIL_FILTERS[resample]}): herd resizes Llama 4 images with "
+                          f"the bilinear filter (2) only, as the released checkpoints do")
+    factor = d.get("rescale_factor", base.rescale_factor)
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+        raise ConfigError(f"{where}: rescale_factor {factor!r} must be a positive number")
+    p = ImageProcessing(
+        tile_size=tile, max_tiles=n, mean=_channels(d, "image_mean", base.mean, where),
+        std=_channels(d, "image_std", base.std, where), resample=resample,
+        rescale=_flag(d, "do_rescale", True, where), rescale_factor=float(factor),
+        normalize=_flag(d, "do_normalize", True, where), convert_rgb=_flag(d, "do_convert_rgb", True, where),
+        resize_to_max_canvas=_flag(d, "resize_to_max_canvas", False, where), source=where)
+    if kind == "llama4" and not p.rescale:
+        raise ConfigError(f"{where}: do_rescale false: herd takes Llama 4 pixels rescaled (transformers' normalize "
+                          f"refuses the 0..255 integers, and the vision tower would read them unscaled)")
+    return p
+
+
+def read_image_processing(folder: str | Path, kind: str, tile_size: int, max_tiles: int | None = None):
+    """The ImageProcessing of a checkpoint folder (image_processing_from_hf over read_processor_config)."""
+    d, where = read_processor_config(folder)
+    return image_processing_from_hf(d, kind, tile_size, max_tiles, where or PREPROCESSOR_FILE)
