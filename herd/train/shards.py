@@ -77,6 +77,7 @@ def prepare(tokenizer: str | Path | None, inputs, out, *, progress: bool = True,
     from tqdm import tqdm
 
     from herd.api import load_tokenizer_only
+    from herd.hub import resolve
 
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -134,7 +135,7 @@ def prepare(tokenizer: str | Path | None, inputs, out, *, progress: bool = True,
     bar.close()
     if total < 2:
         raise ConfigError(f"{', '.join(map(str, inputs))}: fewer than 2 tokens, nothing to train on")
-    manifest = {"format": FORMAT, "dtype": dtype, "vocab_size": tok.vocab_size, "tokenizer": str(tokenizer or ""),
+    manifest = {"format": FORMAT, "dtype": dtype, "vocab_size": tok.vocab_size, "tokenizer": str(resolve(None if tokenizer is None else str(tokenizer))),
                 "tokenizer_source": str(tok.source), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                 "documents": n_docs, "tokens": total, "inputs": [str(p) for p in inputs], "shards": shards}
     tmp = out / "manifest.json.tmp"
