@@ -1,7 +1,8 @@
 """`herd serve` against the official `openai` client, each server a real `python -m herd serve` process on a free
 loopback port: models, chat, streaming, completions with logprobs, JSON mode, a tool call, the API key, batch
-invariance (16 concurrent requests vs each alone, and vs `herd generate`), prefix caching, metrics and the page.
-The JSON validator behind JSON mode is checked against Python's json module first."""
+invariance (16 concurrent requests vs each alone, and vs `herd generate`), prefix caching and metrics.
+The JSON validator behind JSON mode is checked against Python's json module first. (The chat page is tested in a
+real browser: tests/test_web_page.py.)"""
 
 from __future__ import annotations
 
@@ -515,85 +516,3 @@ def test_two_apps_in_one_process_keep_their_own_metrics():
     assert 'herd_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text_a
     assert "herd_prompt_tokens_total 5.0" in text_a and "herd_prompt_tokens_total 0.0" in text_b
     assert "herd_requests_total{" not in text_b and "herd_kv_pages_total 4.0" in text_b
-
-
-PAGE_HARNESS = r"""
-// Runs the chat page's own script in node against a live server, with a minimal stand-in for the DOM.
-const [BASE, KEY, PAGE] = process.argv.slice(2);
-const html = require("fs").readFileSync(PAGE, "utf8");
-const script = html.split("<script>")[1].split("</script>")[0];
-class El {
-  constructor(tag) { Object.assign(this, {tag, value: "", textContent: "", children: [], listeners: {}, disabled: false,
-                     className: "", parentElement: null, scrollTop: 0, scrollHeight: 0});
-                     this.classList = {add: (c) => { this.className += " " + c; }}; }
-  append(...els) { for (const e of els) { e.parentElement = this; this.children.push(e); } }
-  replaceChildren() { this.children = []; }
-  addEventListener(ev, fn) { this.listeners[ev] = fn; }
-  requestSubmit() { this.listeners.submit({preventDefault() {}}); }
-  click() { this.listeners.click(); }
-}
-const els = {};
-globalThis.document = {getElementById: (id) => els[id] || (els[id] = new El(id)), createElement: (t) => new El(t)};
-const store = {};
-globalThis.localStorage = {getItem: (k) => store[k] ?? null, setItem: (k, v) => { store[k] = v; }};
-const realFetch = globalThis.fetch;
-globalThis.fetch = (url, opts) => realFetch(BASE + url, opts);
-const $ = document.getElementById;
-$("temperature").value = "0"; $("max_tokens").value = "12"; $("apikey").value = KEY;
-$("system").value = "You are a terse assistant.";
-(0, eval)(script);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const bubbles = () => els.log.children.map((d) => ({role: d.className.replace("msg ", ""), text: d.children[1].textContent}));
-async function turn(action) {
-  const before = els.log.children.length;
-  action();
-  for (let i = 0; i < 6000; i++) {
-    await sleep(50);
-    if (els.log.children.length > before - 2 && !els.send.disabled && els.status.textContent !== "generating…") return;
-  }
-  throw new Error("the page did not finish");
-}
-(async () => {
-  await sleep(300);
-  await turn(() => { els.input.value = "What is 2+2?"; els.form.requestSubmit(); });
-  const first = bubbles();
-  await turn(() => els.regen.click());
-  const second = bubbles();
-  $("max_tokens").value = "400";
-  els.input.value = "Write a very long story about a dragon.";
-  els.form.requestSubmit();
-  for (let i = 0; i < 600 && !(els.log.children.at(-1).children[1].textContent.length > 10); i++) await sleep(50);
-  await turn(() => els.stop.click());
-  console.log(JSON.stringify({model: els.model.textContent, first, second, third: bubbles(),
-                              status: els.status.textContent}));
-})().catch((e) => { console.error(e); process.exit(1); });
-"""
-
-
-def test_chat_page_streams_regenerates_and_stops(server, client, tmp_path):
-    """The page's own JavaScript, run by node with a stand-in DOM against the live server: it shows the model
-    name, streams a greedy reply identical to the API's (system prompt included), regenerates the same reply,
-    and Stop aborts a long reply, which frees the server's row."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed: the page's script cannot be run")
-    harness = tmp_path / "page.js"
-    harness.write_text(PAGE_HARNESS)
-    page = Path(__file__).resolve().parents[1] / "herd" / "server" / "static" / "index.html"
-    out = subprocess.run([node, str(harness), server.url, API_KEY, str(page)], capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout)
-    want = client.chat.completions.create(model="test-model", max_tokens=12, temperature=0, messages=[
-        {"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "What is 2+2?"}])
-    assert got["model"] == "test-model"
-    assert got["first"] == [{"role": "user", "text": "What is 2+2?"},
-                            {"role": "assistant", "text": want.choices[0].message.content}]
-    assert got["second"] == got["first"]
-    third = got["third"]
-    assert third[-2]["text"] == "Write a very long story about a dragon." and got["status"] == "stopped"
-    assert 10 < len(third[-1]["text"]) < 1200
-    deadline = time.monotonic() + 30
-    while server.metric("herd_running_requests") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert server.metric("herd_running_requests") == 0

@@ -5,6 +5,7 @@ POST /v1/chat/completions, POST /v1/completions (both with `stream` as server-se
 Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}. With an API key every route but the
 page itself needs `Authorization: Bearer KEY`. The engine runs in its own thread; each HTTP request submits one
 engine request per choice and reads its events through an asyncio queue. A client that goes away cancels them.
+GET /static/{name} serves the page's scripts and icon (open without a key, like the page).
 
 This module is wiring only: the routes call chat.py and completions.py, which build their engine requests through
 choices.py; state.py holds what the server keeps, metrics.py its Prometheus registry, schemas.py the wire shapes.
@@ -31,6 +32,9 @@ from herd.server.state import ServerState
 
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/", "/index.html")  # the page holds no data; it asks for the key itself
+OPEN_PREFIX = "/static/"  # nor do its static files (and /favicon.ico, which browsers ask for by that name)
+STATIC_TYPES = {".js": "text/javascript", ".svg": "image/svg+xml", ".css": "text/css", ".html": "text/html",
+                ".png": "image/png", ".ico": "image/x-icon"}
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 
 
@@ -50,6 +54,8 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), 
         engine = Engine((vision or llm).step(), llm.tokenizer, llm.stop_ids, **engine_kwargs)
     state = ServerState(llm, engine, model_name, api_key or None, aliases, vision)
     page = (STATIC / "index.html").read_text(encoding="utf-8")
+    # The page's files, read once: only these names are served (no path from a request reaches the file system).
+    static = {p.name: (p.read_bytes(), STATIC_TYPES[p.suffix]) for p in STATIC.iterdir() if p.suffix in STATIC_TYPES}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -82,6 +88,17 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), 
     @app.get("/", include_in_schema=False)
     async def index():
         return HTMLResponse(page)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return await static_file("favicon.svg")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(name: str):
+        if name not in static:
+            raise StarletteHTTPException(404, f"no static file {name!r} (there are: {', '.join(sorted(static))})")
+        body, media_type = static[name]
+        return Response(body, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health():
@@ -136,7 +153,8 @@ class _Gate:
             await send(message)
 
         try:
-            if self.key is not None and path not in OPEN_PATHS:
+            if (self.key is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIX)
+                    and path != "/favicon.ico"):
                 auth = dict(scope.get("headers") or []).get(b"authorization", b"")
                 token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
                 if not hmac.compare_digest(token, self.key):
