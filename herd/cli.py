@@ -365,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for mod in (bench, train_cli):
         mod.register(sub)
+    from herd.eval import doctor
+
+    doctor.register(sub)
     p = sub.add_parser("quantize", help="quantize a checkpoint's weights group-wise (int8/int4) into a GGUF file")
     p.add_argument("src", help="checkpoint path or catalog name (HF folder, Meta folder or GGUF file)")
     p.add_argument("out", help="output .gguf file (run it with `herd generate -m OUT`, or with llama.cpp)")
