@@ -269,10 +269,6 @@ def test_markdown_answer_stop_error_image_and_reload(browser, server):
     want = greedy(server, question, 60, system=None)
     check_answer(browser, s["bubbles"][1], want)
     assert "<pre><code" in s["bubbles"][1]["html"]
-    if os.environ.get("HERD_SCREENSHOT"):
-        out = Path(os.environ["HERD_SCREENSHOT"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        assert browser.save_screenshot(str(out)), out
     first = stored(browser)["list"][0]
 
     # Stop: a long answer, stopped once some text has streamed; the part kept is marked stopped.
@@ -331,6 +327,10 @@ def test_markdown_answer_stop_error_image_and_reload(browser, server):
     assert s["conversations"][2]["active"] and [b["text"] for b in s["bubbles"]][0] == question
     assert s["bubbles"][1]["html"] == as_shown(browser, markdown_it(want["content"])) and s["bubbles"][1]["stats"] is not None
     assert stored(browser)["list"][2]["messages"] == first["messages"]
+    if os.environ.get("HERD_SCREENSHOT"):  # `make screenshots`: three conversations, the code answer open
+        out = Path(os.environ["HERD_SCREENSHOT"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(out)), out
     browser.find_elements("css selector", "#conversations .delete")[1].click()
     assert [c["title"] for c in state(browser)["conversations"]] == ["What is in this picture?", question]
 
