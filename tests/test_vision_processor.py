@@ -8,6 +8,7 @@ and prompt ids from Meta's llama_models ChatFormat; Llama 4 pixels from transfor
 torchvision's three kernels transcribed, as tests/test_llama4_vision.py explains).
 """
 
+import functools
 import importlib.util
 import json
 import shutil
@@ -23,10 +24,27 @@ from herd.chat_format import load_chat_template
 from herd.errors import ConfigError, FormatError
 from herd.formats.mllama import image_processing_from_hf
 from herd.images import CLIP_MEAN, CLIP_STD, llama4_preprocess, mllama_preprocess
-from test_vision_generate import MLLAMA_IMAGE, meta_llama3_ids, meta_tokenizer, pil, png
+from test_vision_generate import MLLAMA_IMAGE, meta_tokenizer, pil, png
 
 IMAGES = [(37, 91), (83, 29), (45, 61)]  # odd sizes: different canvases, resizes both ways, padding
 TEXT = "What is in this picture?"
+
+
+@functools.lru_cache(maxsize=1)
+def meta_chat_format():
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    return ChatFormat(Tokenizer(meta_tokenizer("llama3")))  # ~1.5 s to build: once
+
+
+def meta_llama3_ids(content: list[dict]) -> list[int]:
+    """Meta's Llama 3 ChatFormat (llama_models) on one user message of text and PNG image parts."""
+    from llama_models.datatypes import RawMediaItem, RawMessage, RawTextItem, StopReason
+
+    items = [RawTextItem(text=p["text"]) if p["type"] == "text" else RawMediaItem(data=p["image"]) for p in content]
+    msg = RawMessage(role="user", content=items, tool_calls=[], stop_reason=StopReason("end_of_turn"))
+    return list(meta_chat_format().encode_dialog_prompt([msg]).tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -387,7 +405,7 @@ def test_a_template_without_image_parts_is_an_error_naming_it(chatml_checkpoint,
         dropping.generate(TEXT, images=[str(picture)], max_tokens=1)
 
 
-@pytest.mark.parametrize("given", ["file", "string", "tokenizer_config.json"])
+@pytest.mark.parametrize("given", ["file", "string"])
 def test_chat_template_option_gives_one_that_can(chatml_checkpoint, tmp_path, capsys, given):
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
@@ -397,9 +415,6 @@ def test_chat_template_option_gives_one_that_can(chatml_checkpoint, tmp_path, ca
     if given == "file":
         value = tmp_path / "vision.jinja"
         value.write_text(IMAGE_TEMPLATE)
-    elif given == "tokenizer_config.json":
-        value = tmp_path / "tokenizer_config.json"
-        value.write_text(json.dumps({"chat_template": IMAGE_TEMPLATE}))
     else:
         value = IMAGE_TEMPLATE
     assert main(["generate", "-m", str(folder), "--chat-template", str(value), "--image", str(picture), "-p", TEXT,
@@ -433,11 +448,16 @@ def test_chat_command_takes_chat_template(chatml_checkpoint, tmp_path, capsys, m
     assert "cannot render image parts" in capsys.readouterr().err
 
 
-def test_load_chat_template_errors(tmp_path):
+def test_load_chat_template_reads_files_json_and_text(tmp_path):
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": IMAGE_TEMPLATE, "model_max_length": 8}))
+    assert load_chat_template(str(config)) == IMAGE_TEMPLATE
+    config.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": "{{ x }}"},
+                                                    {"name": "default", "template": IMAGE_TEMPLATE}]}))
+    assert load_chat_template(str(config)) == IMAGE_TEMPLATE  # named templates: the default one
+    assert load_chat_template("{{ messages }}") == "{{ messages }}"
     with pytest.raises(FormatError, match="'no-such-template.jinja': no such file, and not a Jinja template"):
         load_chat_template("no-such-template.jinja")
-    bad = tmp_path / "tokenizer_config.json"
-    bad.write_text(json.dumps({"model_max_length": 8}))
+    config.write_text(json.dumps({"model_max_length": 8}))
     with pytest.raises(FormatError, match="a JSON file needs a chat_template string"):
-        load_chat_template(str(bad))
-    assert load_chat_template("{{ messages }}") == "{{ messages }}"
+        load_chat_template(str(config))
