@@ -263,7 +263,7 @@ def cmd_serve(args):
           kv_tokens=args.kv_tokens, max_queue=args.max_queue, page_size=args.page_size,
           prefill_chunk=args.prefill_chunk, prefix_cache=not args.no_prefix_cache, dtype=args.dtype,
           served_model_name=args.served_model_name, chat_template=args.chat_template, log_level=args.log_level,
-          vision=args.vision, **load_options(args))
+          vision=args.vision, drain_timeout=args.drain_timeout, **load_options(args))
 
 
 def _add_serve(sub) -> None:
@@ -287,6 +287,8 @@ def _add_serve(sub) -> None:
                    "requests with image_url parts (default: the one trained for --model, if any)")
     _add_threads(p)
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM/SIGINT, seconds to let requests in "
+                   "flight finish (new ones get 503) before exiting")
     p.set_defaults(func=cmd_serve)
 
 

@@ -151,7 +151,17 @@ class Engine:
                               if kv_granule is None else kv_granule)
         g = self.granule
         self.prefill_chunk = max(g, prefill_chunk // g * g)
-        pages_per_row = -(-(self.ctx + g + self.kv_granule) // page_size)
+        slack = g + self.kv_granule  # padding positions a row may write past its own tokens
+        budget = None if kv_tokens is None else -(-kv_tokens // page_size) * page_size
+        if budget is not None and budget < self.ctx + slack:
+            # the pool is the memory budget and never grows past it: a request's context is what one row can hold
+            # of it (with an explicit ctx that cannot fit, the settings are refused)
+            if ctx is not None or budget - slack < 2:
+                raise GenerationError(f"kv_tokens={kv_tokens} cannot hold one request of ctx={self.ctx} tokens "
+                                      f"(needs at least {self.ctx + slack}); raise kv_tokens or lower ctx")
+            self.ctx = budget - slack
+        self.kv_limited = budget is not None and self.ctx + slack >= budget  # the budget, not the model, bounds ctx
+        pages_per_row = -(-(self.ctx + slack) // page_size)
         need = pages_per_row + 1
         kv_tokens = kv_tokens if kv_tokens is not None else max(16384, (self.ctx + g) * 2)
         if max_batch is None:  # rows are cheap (a page-table row each): the KV pages bound memory, not the rows
@@ -176,7 +186,7 @@ class Engine:
         self._stop = False
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "preempted": 0, "rejected": 0,
                       "prompt_tokens": 0, "prefix_hit_tokens": 0, "prefill_tokens": 0, "decode_tokens": 0,
-                      "steps": 0, "errors": 0}
+                      "steps": 0, "errors": 0, "prefill_chunks": 0}
 
     # -- public, thread-safe -------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[object], None] | None = None,
@@ -472,6 +482,7 @@ class Engine:
                 logits = self.model(t, p, self.cache, last_only=True, cache_rows=rows)[0, -1]
             req.cached.extend(chunk)
             self.stats["prefill_tokens"] += len(chunk)
+            self.stats["prefill_chunks"] += 1
         if end < len(req.feed):
             return
         root, shared = self._prefix_key(req)

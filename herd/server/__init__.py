@@ -33,14 +33,14 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
           page_size: int = 16, prefill_chunk: int = 256, prefix_cache: bool = True, dtype: str | None = None,
           served_model_name: str | None = None, chat_template: str | None = None, log_level: str = "warning",
           max_connections: int = 1024, vision: str | None = None, keep_quantized: bool | None = None,
+          drain_timeout: float = 30.0,
           quantization: str | None = None) -> None:
     """Load a model and serve it over HTTP until interrupted. vision: a `herd train-vision` folder that answers
-    requests with images (default: the one trained for this model, when there is one)."""
-    import uvicorn
-
+    requests with images (default: the one trained for this model, when there is one). On SIGTERM or SIGINT it
+    drains: new requests get 503 and it exits once those in flight are answered (at most drain_timeout s)."""
     from herd.api import load
     from herd.errors import ConfigError
-    from herd.server.app import create_app
+    from herd.server.app import create_app, serve_app
 
     api_key = api_key if api_key is not None else os.environ.get("HERD_API_KEY") or None
     template = None
@@ -73,8 +73,8 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
           f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
     if not loopback and not api_key:
         print("herd: warning: listening beyond this machine without --api-key", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=max_connections,
-                timeout_graceful_shutdown=5)
+    serve_app(app, host=host, port=port, log_level=log_level, max_connections=max_connections,
+              drain_timeout=drain_timeout)
 
 
 __all__ = ["serve", "model_name_for"]

@@ -5,6 +5,9 @@ POST /v1/chat/completions, POST /v1/completions (both with `stream` as server-se
 Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}. With an API key every route but the
 page itself needs `Authorization: Bearer KEY`. The engine runs in its own thread; each HTTP request submits one
 engine request per choice and reads its events through an asyncio queue. A client that goes away cancels them.
+GET /health and /v1/health are public (liveness probes carry no key): without the key they say only the status.
+GET /openapi.json is the API's schema (request bodies included). While the server drains (the first SIGTERM or
+SIGINT: `serve_app`), new requests get 503 and the process exits once the requests in flight are answered.
 GET /static/{name} serves the page's scripts and icon (open without a key, like the page).
 
 This module is wiring only: the routes call chat.py and completions.py, which build their engine requests through
@@ -16,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import sys
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,7 +33,7 @@ from herd.engine.scheduler import Engine
 from herd.server.chat import chat_completion
 from herd.server.completions import completion
 from herd.server.metrics import CONTENT_TYPE
-from herd.server.schemas import APIError
+from herd.server.schemas import APIError, openapi_bodies
 from herd.server.state import ServerState
 
 STATIC = Path(__file__).parent / "static"
@@ -35,7 +41,9 @@ OPEN_PATHS = ("/", "/index.html")  # the page holds no data; it asks for the key
 OPEN_PREFIX = "/static/"  # nor do its static files (and /favicon.ico, which browsers ask for by that name)
 STATIC_TYPES = {".js": "text/javascript", ".svg": "image/svg+xml", ".css": "text/css", ".html": "text/html",
                 ".png": "image/png", ".ico": "image/x-icon"}
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+HEALTH_PATHS = ("/health", "/v1/health")  # public: without the key they answer the status alone
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/health",
+          "/openapi.json")
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -66,8 +74,17 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), 
             await asyncio.get_running_loop().run_in_executor(None, engine.stop)
 
     app = FastAPI(title="herd", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url="/openapi.json")
     app.state.herd = state
+
+    def openapi() -> dict:  # FastAPI's document plus the bodies the POST routes read themselves
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            app.openapi_schema = openapi_bodies(get_openapi(title=app.title, version=app.version, routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     # -- errors ------------------------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -101,12 +118,17 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), 
         return Response(body, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
-    async def health():
+    @app.get("/v1/health")
+    async def health(request: Request):
+        """200 while serving, 503 when draining or when the engine stopped; the details only with the key."""
         alive = engine._thread is not None and engine._thread.is_alive()
-        snap = engine.snapshot()
-        body = {"status": "ok" if alive else "engine stopped", "model": model_name, "running": snap["running"],
-                "waiting": snap["waiting"], "weights": state.weights}
-        return JSONResponse(body, status_code=200 if alive else 503)
+        status = "draining" if state.draining else "ok" if alive else "engine stopped"
+        body: dict = {"status": status}
+        if request.scope.get("state", {}).get("herd_authorized", True):
+            snap = engine.snapshot()
+            body.update(model=model_name, running=snap["running"], waiting=snap["waiting"], weights=state.weights,
+                        engine=state.engine_settings())
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -152,6 +174,19 @@ class _Gate:
                 status[0] = message["status"]
             await send(message)
 
+        if path in HEALTH_PATHS:  # public; the route shows details only to a request with the key
+            scope.setdefault("state", {})["herd_authorized"] = self.key is None or self._has_key(scope)
+            try:
+                return await self.app(scope, receive, counting_send)
+            finally:
+                self.state.metrics.count(route, status[0])
+        if self.state.draining:
+            err = APIError(503, "The server is shutting down; retry on another instance.", type="server_error",
+                           code="server_shutting_down")
+            response = JSONResponse(err.body(), status_code=503, headers={"Retry-After": "1", "Connection": "close"})
+            await response(scope, receive, counting_send)
+            return self.state.metrics.count(route, 503)
+        self.state.in_flight += 1
         try:
             if (self.key is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIX)
                     and path != "/favicon.ico"):
@@ -165,4 +200,43 @@ class _Gate:
                     return await response(scope, receive, counting_send)
             await self.app(scope, receive, counting_send)
         finally:
+            self.state.in_flight -= 1
             self.state.metrics.count(route, status[0])
+
+    def _has_key(self, scope) -> bool:
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+        return hmac.compare_digest(token, self.key)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain: the first SIGTERM or SIGINT makes the app answer new requests 503 (and
+    /health 503, so a balancer stops sending) while the requests in flight finish; the server exits when none is
+    left, or `drain_timeout` seconds after the signal. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float):
+        super().__init__(config)
+        self.herd, self.drain_timeout = state, drain_timeout
+        self.drain_deadline: float | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.drain_deadline is None:
+            self.herd.draining = True
+            self.drain_deadline = time.monotonic() + self.drain_timeout
+            print(f"herd: draining: {self.herd.in_flight} requests in flight, new ones get 503 (at most "
+                  f"{self.drain_timeout:g} s; signal again to exit now)", file=sys.stderr, flush=True)
+            return
+        self.should_exit = self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and (self.herd.in_flight <= 0 or time.monotonic() > self.drain_deadline):
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def serve_app(app, *, host: str, port: int, log_level: str = "warning", max_connections: int = 1024,
+              drain_timeout: float = 30.0) -> None:
+    """Run an app from create_app with uvicorn until a signal, draining first (DrainingServer)."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, limit_concurrency=max_connections,
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config, app.state, drain_timeout).run()

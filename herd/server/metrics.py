@@ -26,6 +26,8 @@ ENGINE_METRICS = (
     ("herd_prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
      "prefix_hit_tokens"),
     ("herd_prefill_tokens_total", "counter", "Prompt tokens computed.", "prefill_tokens"),
+    ("herd_prefill_chunks_total", "counter", "Prefill chunks computed (at most --prefill-chunk tokens each).",
+     "prefill_chunks"),
     ("herd_preemptions_total", "counter", "Requests preempted to free KV memory.", "preempted"),
     ("herd_rejected_requests_total", "counter", "Requests refused with 429 (queue full).", "rejected"),
     ("herd_cancelled_requests_total", "counter", "Requests cancelled (client gone).", "cancelled"),

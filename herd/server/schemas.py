@@ -202,6 +202,25 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# -------------------------------------------------------------------------------------------------- schema
+BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+
+
+def openapi_bodies(schema: dict) -> dict:
+    """An OpenAPI document with the JSON bodies of the POST routes added (they read their bodies themselves, to
+    answer in the OpenAI error shape, so FastAPI cannot see them) and every route's error answers."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, cls in BODIES.items():
+        body = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[cls.__name__] = body
+        post = schema["paths"][path]["post"]
+        post["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{cls.__name__}"}}}}
+        post["responses"]["400"] = {"description": "Invalid request (OpenAI error shape)"}
+    return schema
+
+
 # -------------------------------------------------------------------------------------------------- parsing
 MAX_BODY_BYTES = 8 << 20
 Req = TypeVar("Req", bound=BaseModel)

@@ -29,6 +29,8 @@ class ServerState:
         self.weights = "gguf-blocks" if any(hasattr(m, "ggml_type") for m in llm.model.modules()) \
             else str(llm.model.norm.weight.dtype).removeprefix("torch.")
         self._tool_support: bool | None = None
+        self.draining = False  # set by the first SIGTERM (app.DrainingServer): new requests get 503
+        self.in_flight = 0  # HTTP requests being answered (health probes aside)
         self._token_text: dict[int, tuple[str, list[int]]] = {}
 
     def check_model(self, name: str) -> None:
@@ -40,9 +42,24 @@ class ServerState:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "herd",
                 "max_model_len": self.engine.ctx}
 
+    def engine_settings(self) -> dict:
+        """How the engine was set up (for /health with the key): the serve flags as they took effect."""
+        e = self.engine
+        return {"max_batch": e.max_batch, "ctx": e.ctx, "kv_tokens": (e.pool.n_pages - 1) * e.page_size,
+                "page_size": e.page_size, "prefill_chunk": e.prefill_chunk, "prefix_cache": e.pool.prefix_cache,
+                "max_queue": e.max_queue}
+
     def length_check(self, n_prompt: int, limit: int | None, param: str) -> int:
-        """The number of new tokens allowed; 400 when the prompt (plus the requested tokens) exceed the context."""
+        """The number of new tokens allowed; 400 when the prompt (plus the requested tokens) exceed the context (or
+        what one request may hold of the KV-cache budget), before any work is done."""
         ctx = self.engine.ctx
+        if getattr(self.engine, "kv_limited", False) and (n_prompt >= ctx or (limit or 0) + n_prompt > ctx):
+            kv = (self.engine.pool.n_pages - 1) * self.engine.page_size
+            asked = f"{n_prompt} tokens in the {param}" + (f" and {limit} in the completion" if limit else "")
+            raise APIError(400, f"This request needs more KV-cache memory than the server's budget allows: "
+                                f"{asked}, where one request may hold at most {ctx} tokens of the {kv}-token "
+                                "KV cache (herd serve --kv-tokens). Please reduce the prompt or max_tokens.",
+                           param=param if n_prompt >= ctx else "max_tokens", code="context_length_exceeded")
         if n_prompt >= ctx:
             raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your {param} "
                                 f"resulted in {n_prompt} tokens (the prompt must leave room for at least one new "
