@@ -92,7 +92,12 @@ function bubble(message) {
     if (urls.length) {
       const strip = document.createElement("div");
       strip.className = "images";
-      for (const url of urls) { const img = document.createElement("img"); img.src = url; img.alt = "attached image"; strip.append(img); }
+      for (const url of urls) {
+        const img = document.createElement("img");
+        img.src = url;
+        img.alt = "attached image";
+        strip.append(img);
+      }
       div.append(strip);
     }
   }
@@ -253,7 +258,9 @@ async function reply() {
 // -- images -------------------------------------------------------------------------------------------------------
 function readImage(file) {
   return new Promise((resolve, reject) => {
-    if (!file.type.startsWith("image/")) return reject(new Error(`${file.name} is not an image (${file.type || "unknown type"})`));
+    if (!file.type.startsWith("image/")) {
+      return reject(new Error(`${file.name} is not an image (${file.type || "unknown type"})`));
+    }
     if (file.size > MAX_IMAGE_BYTES) return reject(new Error(`${file.name} is over ${MAX_IMAGE_BYTES / 2 ** 20} MiB`));
     const reader = new FileReader();
     reader.onload = () => resolve(reader.result);

@@ -133,13 +133,15 @@
       if (line.includes("|") && i + 1 < lines.length && DELIM_ROW.test(lines[i + 1]) &&
           cells(line).length === cells(lines[i + 1]).length) {
         flush();
-        const aligns = cells(lines[i + 1]).map((c) =>
-          c.startsWith(":") && c.endsWith(":") ? "center" : c.endsWith(":") ? "right" : c.startsWith(":") ? "left" : "");
+        const aligns = cells(lines[i + 1]).map((c) => c.startsWith(":") && c.endsWith(":") ? "center" :
+          c.endsWith(":") ? "right" : c.startsWith(":") ? "left" : "");
         const row = (tag, values) => "<tr>\n" + aligns.map((a, k) =>
           `<${tag}${a ? ` style="text-align:${a}"` : ""}>${inline(values[k] || "")}</${tag}>\n`).join("") + "</tr>\n";
         let html = "<table>\n<thead>\n" + row("th", cells(line)) + "</thead>\n";
         const body = [];
-        for (i += 2; i < lines.length && !blank(lines[i]) && !interrupts(lines[i]); i++) body.push(row("td", cells(lines[i])));
+        for (i += 2; i < lines.length && !blank(lines[i]) && !interrupts(lines[i]); i++) {
+          body.push(row("td", cells(lines[i])));
+        }
         if (body.length) html += "<tbody>\n" + body.join("") + "</tbody>\n";
         push({kind: "block", html: html + "</table>\n"});
         continue;
@@ -186,7 +188,8 @@
         if (blank(l)) { body.push(""); continue; }
         if (indentOf(l) >= indent) { body.push(l.slice(indent)); continue; }
         const last = body[body.length - 1];
-        if (last !== "" && !interrupts(l) && !ITEM.test(l) && !FENCE.test(body[0])) { body.push(l); continue; }  // lazy line
+        // a lazy line: paragraph text continued without the indent
+        if (last !== "" && !interrupts(l) && !ITEM.test(l) && !FENCE.test(body[0])) { body.push(l); continue; }
         break;
       }
       let trailingBlank = false;
