@@ -208,6 +208,10 @@ MARKDOWN_CASES = [
     "<https://x.org>",
     "a\\*not em\\* and `` a`b `` line  \nbreak\n\n    indented code\n\n| x | y |\n| --- | ---: |\n| `a` | 2 |\n| 3 |",
     "```\nan unclosed fence, as while an answer streams",
+    "Steps:\n- a list ends a paragraph\n- b\n\nbut 2. a number in text\n2. does not",
+    "1. First\n   - nested\n   - more\n2. Second\n\n- ```\n  code in an item\n  ```\n-\n- after an empty item",
+    "Intro\n| a | b |\n|---|:-:|\n| 1 | 2 |\n\n## A heading ##\n\n* star\n* list\n\n1) paren\n2) list",
+    "```go\nfunc f() {\n\treturn\n}\n```\n\n~~~\n```not a close\n~~~",
 ]
 
 
