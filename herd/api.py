@@ -45,6 +45,7 @@ class LLM:
         self.config = model.config
         self.source = source
         self.checkpoint = checkpoint
+        self.kv_type = "f32"  # the KV cache's storage for generation here and in an engine: f32, f16 or q8_0
 
     # -- prompts -----------------------------------------------------------------------------------------
     @property
@@ -83,18 +84,19 @@ class LLM:
 
     def generate_batch(self, prompts: Sequence, *, raw: bool = False, tools=None, **sampling) -> list[Completion]:
         ids = [self.encode_prompt(p, raw, tools) for p in prompts]
-        return generate_batch(self.model, ids, SamplingParams(**sampling), self.tokenizer, self.stop_ids)
+        return generate_batch(self.model, ids, SamplingParams(**sampling), self.tokenizer, self.stop_ids,
+                              kv_type=self.kv_type)
 
     def stream(self, prompt, *, raw: bool = False, tools=None, **sampling) -> Iterator[str]:
         """Text pieces as they are generated; never splits a multi-byte character."""
         run = BatchRun(self.model, [self.encode_prompt(prompt, raw, tools)], SamplingParams(**sampling),
-                       self.tokenizer, self.stop_ids)
+                       self.tokenizer, self.stop_ids, kv_type=self.kv_type)
         for delta in run:
             if delta.text:
                 yield delta.text
 
     def run(self, prompts_ids: Sequence[Sequence[int]], params) -> BatchRun:
-        return BatchRun(self.model, prompts_ids, params, self.tokenizer, self.stop_ids)
+        return BatchRun(self.model, prompts_ids, params, self.tokenizer, self.stop_ids, kv_type=self.kv_type)
 
     def step(self):
         """The model object an engine drives for this LLM (a fresh one where it keeps per-row state)."""
@@ -106,7 +108,15 @@ class LLM:
         t = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
         if t.shape[1] > self.config.max_seq_len:
             raise GenerationError(f"{t.shape[1]} tokens exceed the context of {self.config.max_seq_len}")
-        return self.model(t)[0].float()
+        if self.kv_type == "f32":
+            return self.model(t)[0].float()
+        # an f16 / q8_0 KV cache: the keys and values are stored, then read back, as generation reads them
+        from herd.engine.generate import activation_dtype_device
+        from herd.models.kv_cache import KVCache
+
+        dtype, device = activation_dtype_device(self.model)
+        cache = KVCache(self.config, 1, t.shape[1], dtype=dtype, device=device, kv_type=self.kv_type)
+        return self.model(t.to(device), torch.arange(t.shape[1], device=device)[None], cache)[0].float()
 
 
 def drop_tokenizer_arrays(metadata: dict) -> dict:
@@ -116,12 +126,25 @@ def drop_tokenizer_arrays(metadata: dict) -> dict:
 
 
 def load(path: str | Path | None = None, dtype=None, *, chat_template: str | None = None,
-         keep_quantized: bool | None = None, quantization: str | None = None, vision=None) -> LLM:
+         keep_quantized: bool | None = None, quantization: str | None = None, vision=None,
+         kv_type: str | None = None) -> LLM:
     """Load a checkpoint (path, catalog name, or None for the default model) into an LLM, on the fastest correct path
     by default: a GGUF file keeps its weight blocks (native kernels, C decode step) unless keep_quantized=False or a
     float dtype is asked for; `quantization` ("q8_0", "q4_0", "q4_k", ...) quantizes an HF / Meta (or dequantized
     GGUF) checkpoint in memory at load, with the same kernels. A multimodal checkpoint gives a VisionLLM; `vision`
-    (a `herd train-vision` folder) attaches a herd vision model to a text model (ImageChat)."""
+    (a `herd train-vision` folder) attaches a herd vision model to a text model (ImageChat). kv_type: the KV
+    cache's storage, "f32" (default, exact), "f16" or "q8_0" (llama.cpp's -ctk/-ctv; half or ~0.27 of the memory)."""
+    from herd.models.kv_cache import kv_type_of
+
+    kv = kv_type_of(kv_type)  # a bad name fails before any loading
+    llm = _load(path, dtype, chat_template, keep_quantized, quantization, vision)
+    llm.kv_type = kv
+    if getattr(llm, "llm", None) is not None:  # an ImageChat: its text model generates
+        llm.llm.kv_type = kv
+    return llm
+
+
+def _load(path, dtype, chat_template, keep_quantized, quantization, vision) -> LLM:
     from herd.chat_format import chat_format_for
     from herd.formats import detect_format, load_checkpoint, multimodal_kind
     from herd.hub import resolve
@@ -298,7 +321,7 @@ class VisionLLM(LLM):
             raise GenerationError(f"{len(prompts)} prompts but {len(images)} image lists")
         encoded = [self.encode(p, im, raw=raw, tools=tools) for p, im in zip(prompts, images)]
         return BatchRun(self.step(), [ids for ids, _ in encoded], params, self.tokenizer, self.stop_ids,
-                        images=[inputs for _, inputs in encoded])
+                        images=[inputs for _, inputs in encoded], kv_type=self.kv_type)
 
     def generate_batch(self, prompts: Sequence, images: Sequence | None = None, *, raw: bool = False, tools=None,
                        **sampling) -> list[Completion]:

@@ -39,6 +39,9 @@ def add_quantization(p) -> None:
                    "path instead (slower; for comparisons)")
     g.add_argument("--quantization", default=None, metavar="SCHEME", help="quantize float weights (HF / Meta, or a "
                    "dequantized GGUF) in memory at load: q8_0, q4_0, q4_1, q5_0, q5_1, q4_k (same kernels)")
+    p.add_argument("--kv-type", default="f32", choices=("f32", "f16", "q8_0"), help="how the KV cache stores keys "
+                   "and values (llama.cpp's -ctk/-ctv): f32 exact (default), f16 half the memory, q8_0 ~0.27 of it; "
+                   "the cost in KL is in README's Speed section")
 
 
 def load_options(args) -> dict:
@@ -47,7 +50,8 @@ def load_options(args) -> dict:
         keep = False
     else:
         keep = True if getattr(args, "quantized", False) else None
-    return dict(keep_quantized=keep, quantization=getattr(args, "quantization", None))
+    return dict(keep_quantized=keep, quantization=getattr(args, "quantization", None),
+                kv_type=getattr(args, "kv_type", None))
 
 
 def _add_chat_template(p):

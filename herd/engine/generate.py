@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from herd.models.kv_cache import KVCache
+from herd.models.kv_cache import KVCache, kv_type_of
 from herd.errors import GenerationError
 from herd.ops.sampling import SamplingParams, pick_token, token_logprobs
 
@@ -161,12 +161,13 @@ class BatchRun:
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  tokenizer=None, stop_ids: frozenset[int] = frozenset(), prefill_chunk: int = PREFILL_CHUNK,
-                 images: Sequence | None = None):
+                 images: Sequence | None = None, kv_type: str | None = None):
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise GenerationError(f"{len(prompts)} prompts but {len(params)} sampling settings")
         self.model = model
+        self.kv_type = kv_type_of(kv_type)  # the KV cache's storage: f32, f16 or q8_0 (herd/models/kv_cache.py)
         # images: one entry per prompt (None for a text prompt), bound to its cache row before its prefill by a
         # model that takes them (herd/engine/vision_step.py); some take a prompt with images in one pass only
         self.images = list(images) if images is not None else [None] * len(prompts)
@@ -204,7 +205,8 @@ class BatchRun:
             return
         max_len = max(len(s.prompt) + s.max_new for s in live)
         dtype, device = activation_dtype_device(model)
-        cache = KVCache(model.config, batch=len(live), max_len=max_len, dtype=dtype, device=device)
+        cache = KVCache(model.config, batch=len(live), max_len=max_len, dtype=dtype, device=device,
+                        kv_type=self.kv_type)
         row = {id(s): r for r, s in enumerate(live)}
         bind = getattr(model, "bind", None)
         with torch.inference_mode():
@@ -237,9 +239,9 @@ class BatchRun:
 
 
 def generate_batch(model, prompts, params, tokenizer=None, stop_ids=frozenset(),
-                   prefill_chunk: int = PREFILL_CHUNK) -> list[Completion]:
+                   prefill_chunk: int = PREFILL_CHUNK, kv_type: str | None = None) -> list[Completion]:
     """Generate for every prompt to the end; one Completion per prompt."""
-    run = BatchRun(model, prompts, params, tokenizer, stop_ids, prefill_chunk)
+    run = BatchRun(model, prompts, params, tokenizer, stop_ids, prefill_chunk, kv_type=kv_type)
     for _ in run:
         pass
     return run.completions()

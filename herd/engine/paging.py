@@ -7,7 +7,7 @@ serial, their tokens), so a later prompt with the same prefix reuses them; unuse
 (children before parents) until the allocator needs them back. Chains start at a root: 0 for text, another root for
 rows whose keys differ for the same ids (a LoRA switched on for rows with images).
 
-Floor: engine/ (imports torch and herd.errors only). The scheduler (scheduler.py) decides who gets pages; this file
+Floor: engine/ (imports torch, herd.errors and the KV formats of herd.models.kv_cache). The scheduler (scheduler.py) decides who gets pages; this file
 only keeps them.
 """
 
@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from herd.models.kv_cache import kv_decode, kv_encode, kv_storage, kv_type_of
+
 
 class PagedKVCache:
     """Keys and values of all sequences in one page pool per layer, addressed through a page table.
@@ -32,11 +34,15 @@ class PagedKVCache:
     """
 
     def __init__(self, config, n_pages: int, page_size: int, rows: int, pages_per_row: int,
-                 dtype=torch.float32, device="cpu"):
+                 dtype=torch.float32, device="cpu", kv_type: str | None = None):
         self.page_size, self.n_pages = page_size, n_pages
         self.max_len = pages_per_row * page_size
         self.window = 0  # no ring layers: Llama 4 chunked layers see all positions, masked by chunk
-        shape = (n_pages, page_size, config.n_kv_heads, config.head_dim)
+        # f32 (stored in the activations' dtype), f16 or q8_0: see herd/models/kv_cache.py
+        self.kv_type, self.dtype = kv_type_of(kv_type), dtype
+        store, width = kv_storage(self.kv_type, config.head_dim)
+        dtype = dtype if self.kv_type == "f32" else store
+        shape = (n_pages, page_size, config.n_kv_heads, width)
         # zeros, never empty: masked positions get a zero weight, and 0 * NaN would still be NaN
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
@@ -62,11 +68,16 @@ class PagedKVCache:
         if rows is None:
             rows = torch.arange(k.shape[0], device=k.device)
         page, off, gather = self._index(input_pos, rows, kv_len)
+        t = self.kv_type
+        if t != "f32":
+            k, v = kv_encode(k, t), kv_encode(v, t)
         self.k[layer][page, off] = k
         self.v[layer][page, off] = v
         B = k.shape[0]
         ks = self.k[layer][gather].reshape(B, -1, *k.shape[2:])[:, :kv_len]  # (B, S, KV, hd)
         vs = self.v[layer][gather].reshape(B, -1, *v.shape[2:])[:, :kv_len]
+        if t != "f32":
+            ks, vs = kv_decode(ks, t, self.dtype), kv_decode(vs, t, self.dtype)
         return ks.transpose(1, 2), vs.transpose(1, 2)
 
     def nbytes(self) -> int:

@@ -138,7 +138,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, stop_ids: frozenset[int] = frozenset(), *, max_batch: int | None = None,
                  ctx: int | None = None, kv_tokens: int | None = None, page_size: int = 16, max_queue: int = 64,
                  prefill_chunk: int = 256, prefix_cache: bool = True, granule: int | None = None,
-                 kv_granule: int | None = None):
+                 kv_granule: int | None = None, kv_type: str | None = None):
         cfg = model.config
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, frozenset(stop_ids)
         self.ctx = min(ctx or cfg.max_seq_len, cfg.max_seq_len)
@@ -172,7 +172,8 @@ class Engine:
         self.device = weight.device
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         # table rows: one per batch slot, plus a scratch row (all null pages) for padding rows
-        self.cache = PagedKVCache(cfg, n_pages, page_size, max_batch + 1, pages_per_row, dtype, self.device)
+        self.cache = PagedKVCache(cfg, n_pages, page_size, max_batch + 1, pages_per_row, dtype, self.device,
+                                  kv_type=kv_type)  # f32, f16 or q8_0 storage (herd/models/kv_cache.py)
         self.scratch_row = max_batch
         self.pool = PagePool(n_pages, page_size, prefix_cache)
         self.free_rows = list(range(max_batch - 1, -1, -1))

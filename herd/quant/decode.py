@@ -5,7 +5,7 @@ Attached from outside, like any module swap: `attach(model)` (done by quantize_m
 sets `model.decode_step`, a NativeDecodeStep; the engine calls it for each decode step and runs the model's own
 forward when it answers None. It answers only when the model and cache qualify (`plan_for`): plain Llama layers
 (RoPE, no QK-norm, no chunked attention, no MoE), all seven linear layers of every block QuantLinear without bias,
-float32 norms and cache (a KVCache, or the scheduler's paged cache: a page pool per layer and a page table), no
+float32 norms, a float32, float16 or q8_0 cache (a KVCache, or the scheduler's paged cache: a page pool per layer and a page table), no
 gradients. Anything else -- a ring cache, bf16, LoRA, training -- runs the PyTorch path. HERD_NO_NATIVE_DECODE=1
 (or `model.decode_step.enabled = False`) turns it off. The results equal the PyTorch path's up to float32 summation
 order (tests/test_fast_decode.py, tests/test_paged_decode.py). Over a paged cache the linear layers run on the rows
@@ -43,7 +43,21 @@ class _Model(ctypes.Structure):
     _fields_ = [(n, _I64) for n in ("dim", "n_heads", "n_kv_heads", "head_dim", "hidden", "n_layers")] \
         + [("eps", ctypes.c_double)] + [(n, _I64) for n in ("cache_rows", "cache_len", "row_stride")] \
         + [("inv_freq", _P), ("final_norm", _P), ("layers", _P), ("page_table", _P)] \
-        + [(n, _I64) for n in ("table_stride", "page_size", "n_pages", "row_align")]
+        + [(n, _I64) for n in ("table_stride", "page_size", "n_pages", "row_align", "kv_type", "kv_vec_bytes")]
+
+
+# KV cache types the C step reads and writes (HD_KV_* in herd_decode.c): storage dtype and bytes per head vector
+_KV_CODES = {"f32": (0, torch.float32, lambda hd: 4 * hd), "f16": (1, torch.float16, lambda hd: 2 * hd),
+             "q8_0": (2, torch.uint8, lambda hd: hd // 32 * 34)}
+
+
+def _kv_code(cache, hd: int) -> tuple[int, int] | None:
+    """(HD_KV_* code, bytes per stored head vector) of this cache's buffers, or None if the C step cannot read them."""
+    code, dtype, nbytes = _KV_CODES.get(getattr(cache, "kv_type", "f32"), (None, None, None))
+    k0 = cache.k[0]
+    if code is None or k0.dtype is not dtype or k0.shape[-1] * k0.element_size() != nbytes(hd):
+        return None
+    return code, nbytes(hd)
 
 
 _ERR_PAGE = -3  # HD_ERR_PAGE in herd_decode.c
@@ -144,6 +158,10 @@ class DecodePlan:
         for i, L in enumerate(self.layers):
             L.k_cache, L.v_cache = cache.k[i].data_ptr(), cache.v[i].data_ptr()
         k0, spec = cache.k[0], self.spec
+        code = _kv_code(cache, spec.head_dim)
+        if code is None:  # vectors of another width than this model's heads
+            return False
+        spec.kv_type, spec.kv_vec_bytes = code
         if paged:  # pools (n_pages, P, KV, hd), table (rows, pages_per_row)
             t = cache.table
             spec.cache_rows, spec.cache_len, spec.row_stride = t.shape[0], t.shape[1] * k0.shape[1], 0
@@ -152,7 +170,7 @@ class DecodePlan:
             # the scheduler promises batch invariance: pad the linear layers' rows to the kernels' granule
             spec.row_align = self.row_granule()
         else:  # (rows, KV, S, hd); BatchRun promises no invariance: no padding, no extra work
-            spec.cache_rows, spec.cache_len, spec.row_stride = k0.shape[0], k0.shape[2], k0.stride(0)
+            spec.cache_rows, spec.cache_len, spec.row_stride = k0.shape[0], k0.shape[2], k0.stride(0) // k0.shape[3]
             spec.page_table, spec.table_stride, spec.page_size, spec.n_pages, spec.row_align = None, 0, 0, 0, 0
         self.cache, self.cache_ptrs = weakref.ref(cache), _cache_ptrs(cache)
         return True
@@ -213,8 +231,9 @@ def _cache_ok(cache) -> bool:
     if type(cache) is not KVCache or cache.window:
         return False
     k0 = cache.k[0]
-    return (k0.dtype is torch.float32 and k0.is_cpu and k0[0].is_contiguous()
-            and all(t.stride() == k0.stride() and t.shape == k0.shape for t in cache.k + cache.v))
+    return (_kv_code(cache, cache_head_dim(cache)) is not None and k0.is_cpu and k0[0].is_contiguous()
+            and k0.stride(0) % k0.shape[3] == 0
+            and all(t.stride() == k0.stride() and t.shape == k0.shape and t.dtype is k0.dtype for t in cache.k + cache.v))
 
 
 def _is_paged(cache) -> bool:
@@ -224,14 +243,21 @@ def _is_paged(cache) -> bool:
 
 
 def _paged_ok(cache) -> bool:
-    """Pools (n_pages, P, KV, hd) float32, CPU, contiguous, all of one shape; table (rows, pages) int64 on the CPU
-    with unit stride along a row; no ring layers."""
+    """Pools (n_pages, P, KV, hd) float32 (or f16 / q8_0 storage), CPU, contiguous, all of one shape; table (rows,
+    pages) int64 on the CPU with unit stride along a row; no ring layers."""
     if getattr(cache, "window", 0):
         return False
     k0, t = cache.k[0], cache.table
-    return (k0.dim() == 4 and k0.shape[1] == cache.page_size and k0.dtype is torch.float32 and k0.is_cpu
+    return (k0.dim() == 4 and k0.shape[1] == cache.page_size and _kv_code(cache, cache_head_dim(cache)) is not None
+            and k0.is_cpu
             and all(b.is_contiguous() and b.shape == k0.shape and b.dtype is k0.dtype for b in cache.k + cache.v)
             and t.dim() == 2 and t.dtype is torch.int64 and t.is_cpu and t.stride(1) == 1)
+
+
+def cache_head_dim(cache) -> int:
+    """The head dimension of a cache's vectors (its storage width for f32 / f16; 32 values per 34 bytes for q8_0)."""
+    w = cache.k[0].shape[-1]
+    return w // 34 * 32 if getattr(cache, "kv_type", "f32") == "q8_0" else w
 
 
 def _cache_ptrs(cache) -> tuple:

@@ -34,7 +34,7 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
           served_model_name: str | None = None, chat_template: str | None = None, log_level: str = "warning",
           max_connections: int = 1024, vision: str | None = None, keep_quantized: bool | None = None,
           drain_timeout: float = 30.0,
-          quantization: str | None = None) -> None:
+          quantization: str | None = None, kv_type: str | None = None) -> None:
     """Load a model and serve it over HTTP until interrupted. vision: a `herd train-vision` folder that answers
     requests with images (default: the one trained for this model, when there is one). On SIGTERM or SIGINT it
     drains: new requests get 503 and it exits once those in flight are answered (at most drain_timeout s)."""
@@ -48,7 +48,8 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
         from pathlib import Path
 
         template = Path(chat_template).read_text(encoding="utf-8")
-    llm = load(model, dtype, chat_template=template, keep_quantized=keep_quantized, quantization=quantization)
+    llm = load(model, dtype, chat_template=template, keep_quantized=keep_quantized, quantization=quantization,
+               kv_type=kv_type)
     if ctx is not None and not 2 <= ctx <= llm.config.max_seq_len:
         raise ConfigError(f"--ctx {ctx}: must be between 2 and the model's context, {llm.config.max_seq_len}")
     name = served_model_name or model_name_for(model)
@@ -69,7 +70,7 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
     engine = app.state.engine
     loopback = host in ("127.0.0.1", "localhost", "::1")
     print(f"herd: serving {name} at http://{host}:{port} (batch {engine.max_batch}, context {engine.ctx}, "
-          f"KV pool {engine.cache.nbytes() / 2**20:.0f} MiB, queue {max_queue}"
+          f"KV pool {engine.cache.nbytes() / 2**20:.0f} MiB {engine.cache.kv_type}, queue {max_queue}"
           f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
     if not loopback and not api_key:
         print("herd: warning: listening beyond this machine without --api-key", file=sys.stderr, flush=True)

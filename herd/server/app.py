@@ -59,6 +59,7 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), 
     if vision is None and getattr(llm, "accepts_images", False):
         vision = llm
     if engine is None:
+        engine_kwargs.setdefault("kv_type", getattr(llm, "kv_type", None))
         engine = Engine((vision or llm).step(), llm.tokenizer, llm.stop_ids, **engine_kwargs)
     state = ServerState(llm, engine, model_name, api_key or None, aliases, vision)
     page = (STATIC / "index.html").read_text(encoding="utf-8")

@@ -12,8 +12,14 @@
  * at page table[r, p / P], offset p % P). Attention reads a row's keys as runs of consecutive positions -- one run
  * of S positions, or one run per page -- and does the same arithmetic in the same order on both, so a row gives the
  * same bits from either layout.
+ *
+ * The cache holds each (position, KV head) vector of hd values as float32, float16 or q8_0 (hd/32 blocks of an fp16
+ * scale and 32 int8, 34 bytes; herd/models/kv_cache.py's kv_encode is the definition, and hd_kv_encode below does
+ * the same arithmetic). Attention over an f16 or q8_0 cache decodes HD_CHUNK positions at a time into float32
+ * scratch and runs the float32 loops on it: the same bits as a float32 cache holding the decoded values.
  */
 #include "herd_quant.h"
+#include "hq_formats.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -32,9 +38,9 @@ typedef struct {
 typedef struct {
     const float *attn_norm, *ffn_norm; /* (D,) */
     hd_linear wq, wk, wv, wo, w1, w2, w3;
-    /* contiguous: row r, KV head j, position p at r * row_stride + (j * S + p) * hd;
-     * paged: the pools, position p of table row r, KV head j at ((table[r, p / P] * P + p % P) * KV + j) * hd */
-    float *k_cache, *v_cache;
+    /* in head vectors (kv_vec_bytes each): contiguous: row r, KV head j, position p at r * row_stride + j * S + p;
+     * paged: the pools, position p of table row r, KV head j at (table[r, p / P] * P + p % P) * KV + j */
+    uint8_t *k_cache, *v_cache;
 } hd_layer;
 
 typedef struct {
@@ -48,19 +54,111 @@ typedef struct {
     int64_t table_stride, page_size, n_pages; /* elements between two table rows, P, pages in each pool */
     int64_t row_align; /* > 1: the linear layers run on the rows padded with zero rows to a multiple of this, the
                         * row count for which herd_q_matmul gives each row the same bits whatever the batch */
+    int64_t kv_type, kv_vec_bytes; /* HD_KV_F32 / F16 / Q8_0, and the bytes of one stored head vector */
 } hd_model;
-
-/* Where the keys and values of one (row, KV head) live: runs of `run` consecutive positions (the last may be
- * shorter), `step` floats apart within a run; run i starts at k + page[i] * page_elems (page NULL: one run at k). */
-typedef struct {
-    const float *k, *v;
-    const int64_t *page;
-    int64_t run, step, page_elems;
-} hd_kv;
 
 #define HD_ERR_SHAPE (-2)
 #define HD_ERR_PAGE (-3)
 #define HD_ERR_NOMEM (-5)
+
+#define HD_KV_F32 0
+#define HD_KV_F16 1
+#define HD_KV_Q8_0 2
+#define HD_CHUNK 64 /* positions decoded to float32 at a time from an f16 / q8_0 cache */
+
+/* Where the keys and values of one (row, KV head) live: runs of `run` consecutive positions (the last may be
+ * shorter), `step` head vectors apart within a run; run i starts at vector page[i] * page_vecs from k (page NULL:
+ * one run at k). Vectors are `vec_bytes` long, stored as `type`; tmp: HD_CHUNK * hd floats of scratch. */
+typedef struct {
+    const uint8_t *k, *v;
+    const int64_t *page;
+    int64_t run, step, page_vecs, type, vec_bytes;
+    float *tmp;
+} hd_kv;
+
+/* float -> IEEE half, round to nearest even (as torch's .half()), portable: overflow gives inf, NaN stays NaN. */
+static inline uint16_t hd_float_to_half(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+    if (a >= 0x47800000u) /* |f| >= 65536, inf or NaN */
+        return (uint16_t)(sign | (a > 0x7F800000u ? 0x7E00u : 0x7C00u));
+    if (a < 0x38800000u) { /* below 2^-14: a half subnormal; adding 0.5 moves the bits to the units of 2^-24 and
+                            * the float addition rounds them to nearest even */
+        float x, half = 0.5f;
+        memcpy(&x, &a, 4);
+        x += half;
+        uint32_t r;
+        memcpy(&r, &x, 4);
+        return (uint16_t)(sign | (r - 0x3F000000u));
+    }
+    /* normal: rebias the exponent (127 -> 15) and round the 13 dropped mantissa bits to nearest even; a carry into
+     * the exponent is the correct result (up to inf for values in [65520, 65536)) */
+    const uint32_t odd = (a >> 13) & 1u;
+    return (uint16_t)(sign | ((a - 0x38000000u + 0xFFFu + odd) >> 13));
+}
+
+/* One head vector x (hd) into its stored form (kv_encode in herd/models/kv_cache.py). */
+static void hd_kv_encode(const float *x, int64_t hd, int64_t type, uint8_t *dst) {
+    if (type == HD_KV_F32) {
+        memcpy(dst, x, sizeof(float) * (size_t)hd);
+    } else if (type == HD_KV_F16) {
+        for (int64_t i = 0; i < hd; i++) {
+            const uint16_t h = hd_float_to_half(x[i]);
+            memcpy(dst + 2 * i, &h, 2);
+        }
+    } else {
+        for (int64_t b = 0; b < hd / 32; b++, x += 32, dst += 34) {
+            float amax = 0.0f;
+            for (int i = 0; i < 32; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+            const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+            const uint16_t h = hd_float_to_half(d);
+            memcpy(dst, &h, 2);
+            for (int i = 0; i < 32; i++) {
+                const float y = x[i] * inv, r = floorf(fabsf(y) + 0.5f); /* half away from zero */
+                dst[2 + i] = (uint8_t)(int8_t)(y < 0.0f ? -r : r);
+            }
+        }
+    }
+}
+
+/* m stored vectors, `stride` bytes apart, decoded to float32 rows of hd (kv_decode). */
+static void hd_kv_decode(const uint8_t *src, int64_t m, int64_t stride, int64_t hd, int64_t type, float *out) {
+    for (int64_t p = 0; p < m; p++, src += stride, out += hd) {
+        if (type == HD_KV_F16) {
+            for (int64_t i = 0; i < hd; i++) out[i] = hq_f16(src + 2 * i);
+        } else {
+            for (int64_t b = 0; b < hd / 32; b++) {
+                const uint8_t *blk = src + 34 * b;
+                const float d = hq_f16(blk);
+                for (int i = 0; i < 32; i++) out[32 * b + i] = (float)(int8_t)blk[2 + i] * d;
+            }
+        }
+    }
+}
+
+/* Float32 rows of positions p .. p + m - 1 of a run that starts at `base`: in place for an f32 cache (*st set to
+ * the float stride), else decoded into kv->tmp (m <= HD_CHUNK, *st = hd). */
+static const float *hd_kv_rows(const hd_kv *kv, const uint8_t *base, int64_t p, int64_t m, int64_t hd, int64_t *st) {
+    const uint8_t *src = base + p * kv->step * kv->vec_bytes;
+    if (kv->type == HD_KV_F32) {
+        *st = kv->step * hd;
+        return (const float *)src;
+    }
+    hd_kv_decode(src, m, kv->step * kv->vec_bytes, hd, kv->type, kv->tmp);
+    *st = hd;
+    return kv->tmp;
+}
+
+/* Export for tests: n head vectors x (n, hd) -> their stored form (n, bytes per vector). */
+int herd_kv_encode(const float *x, int64_t n, int64_t hd, int type, uint8_t *out) {
+    if (n < 0 || hd <= 0 || type < HD_KV_F32 || type > HD_KV_Q8_0 || (type == HD_KV_Q8_0 && hd % 32))
+        return HD_ERR_SHAPE;
+    const int64_t vb = type == HD_KV_F32 ? 4 * hd : (type == HD_KV_F16 ? 2 * hd : hd / 32 * 34);
+    for (int64_t i = 0; i < n; i++) hd_kv_encode(x + i * hd, hd, type, out + i * vb);
+    return 0;
+}
+
 
 /* e^x in float32 within ~2 ulp (Cephes' expf polynomial after a Cody-Waite reduction), written so that gcc
  * vectorizes the loops calling it (libm's expf does not vectorize without -ffast-math). x is clamped to
@@ -204,24 +302,30 @@ static void hd_attend_group(const float *q, int64_t R, const hd_kv *kv, int64_t 
 #else
     const int simd = 0;
 #endif
-    const int64_t st = kv->step;
+    /* a float32 cache is read in place, whole runs; another type is decoded HD_CHUNK positions at a time */
+    const int64_t chunk = kv->type == HD_KV_F32 ? kv->run : HD_CHUNK, vb = kv->vec_bytes;
     for (int64_t p0 = 0, i = 0; p0 < n; p0 += kv->run, i++) { /* scores, one run of positions at a time */
         const int64_t m = n - p0 < kv->run ? n - p0 : kv->run;
-        const float *K = kv->k + (kv->page ? kv->page[i] * kv->page_elems : 0);
-        if (simd) {
+        const uint8_t *base = kv->k + (kv->page ? kv->page[i] * kv->page_vecs : 0) * vb;
+        for (int64_t c = 0; c < m; c += chunk) {
+            const int64_t mc = m - c < chunk ? m - c : chunk;
+            int64_t st;
+            const float *K = hd_kv_rows(kv, base, c, mc, hd, &st);
+            if (simd) {
 #ifdef __AVX512F__
-            hd_scores_avx512(q, R, K, m, st, hd, scale, sc + p0, n);
+                hd_scores_avx512(q, R, K, mc, st, hd, scale, sc + p0 + c, n);
 #endif
-            continue;
-        }
-        for (int64_t p = 0; p < m; p++) {
-            const float *kp = K + p * st;
-            for (int64_t r = 0; r < R; r++) {
-                const float *qr = q + r * hd;
-                float s = 0.0f;
+                continue;
+            }
+            for (int64_t p = 0; p < mc; p++) {
+                const float *kp = K + p * st;
+                for (int64_t r = 0; r < R; r++) {
+                    const float *qr = q + r * hd;
+                    float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-                for (int64_t i = 0; i < hd; i++) s += qr[i] * kp[i];
-                sc[r * n + p0 + p] = s * scale;
+                    for (int64_t i = 0; i < hd; i++) s += qr[i] * kp[i];
+                    sc[r * n + p0 + c + p] = s * scale;
+                }
             }
         }
     }
@@ -239,20 +343,25 @@ static void hd_attend_group(const float *q, int64_t R, const hd_kv *kv, int64_t 
     if (!simd) memset(out, 0, sizeof(float) * (size_t)(R * hd));
     for (int64_t p0 = 0, i = 0; p0 < n; p0 += kv->run, i++) { /* weighted values, the runs in position order */
         const int64_t m = n - p0 < kv->run ? n - p0 : kv->run;
-        const float *V = kv->v + (kv->page ? kv->page[i] * kv->page_elems : 0);
-        if (simd) {
+        const uint8_t *base = kv->v + (kv->page ? kv->page[i] * kv->page_vecs : 0) * vb;
+        for (int64_t c = 0; c < m; c += chunk) {
+            const int64_t mc = m - c < chunk ? m - c : chunk;
+            int64_t st;
+            const float *V = hd_kv_rows(kv, base, c, mc, hd, &st);
+            if (simd) {
 #ifdef __AVX512F__
-            hd_weighted_sum_avx512(sc + p0, n, R, V, m, st, hd, out, p0 > 0);
+                hd_weighted_sum_avx512(sc + p0 + c, n, R, V, mc, st, hd, out, p0 + c > 0);
 #endif
-            continue;
-        }
-        for (int64_t p = 0; p < m; p++) {
-            const float *vp = V + p * st;
-            for (int64_t r = 0; r < R; r++) {
-                const float wgt = sc[r * n + p0 + p];
-                float *o = out + r * hd;
+                continue;
+            }
+            for (int64_t p = 0; p < mc; p++) {
+                const float *vp = V + p * st;
+                for (int64_t r = 0; r < R; r++) {
+                    const float wgt = sc[r * n + p0 + c + p];
+                    float *o = out + r * hd;
 #pragma omp simd
-                for (int64_t i = 0; i < hd; i++) o[i] += wgt * vp[i];
+                    for (int64_t i = 0; i < hd; i++) o[i] += wgt * vp[i];
+                }
             }
         }
     }
@@ -284,14 +393,19 @@ int herd_llama_decode(const void *model, float *x, int64_t B, const int64_t *pos
     /* Bm rows for the linear layers: B, or B padded with zero rows (xn, att, g past row B stay zero) */
     const int64_t A = M->row_align, Bm = A > 1 ? (B + A - 1) / A * A : B;
     /* scratch: xn (Bm, D), q (Bm, H*hd), k, v (Bm, KV*hd), att (Bm, H*hd), t (Bm, D), g, u (Bm, F),
-     * cos, sin (B, hd/2), scores (threads, H/KV, max_len) */
+     * cos, sin (B, hd/2), scores (threads, H/KV, max_len), decoded keys / values (threads, HD_CHUNK, hd) */
     int nt = nthreads > 0 ? nthreads : 1;
-    const size_t n_scratch = (size_t)(Bm * (2 * D + 2 * H * hd + 2 * KV * hd + 2 * F) + B * hd + nt * H / KV * max_len);
+    const int64_t vb = M->kv_vec_bytes;
+    if (M->kv_type < HD_KV_F32 || M->kv_type > HD_KV_Q8_0 || (M->kv_type == HD_KV_Q8_0 && hd % 32) ||
+        vb != (M->kv_type == HD_KV_F32 ? 4 * hd : (M->kv_type == HD_KV_F16 ? 2 * hd : hd / 32 * 34)))
+        return HD_ERR_SHAPE;
+    const size_t n_scratch = (size_t)(Bm * (2 * D + 2 * H * hd + 2 * KV * hd + 2 * F) + B * hd + nt * H / KV * max_len
+                                      + nt * HD_CHUNK * hd);
     float *buf = (float *)(Bm > B ? calloc(n_scratch, sizeof(float)) : malloc(sizeof(float) * n_scratch));
     if (!buf) return HD_ERR_NOMEM;
     float *xn = buf, *q = xn + Bm * D, *k = q + Bm * H * hd, *v = k + Bm * KV * hd, *att = v + Bm * KV * hd;
     float *t = att + Bm * H * hd, *g = t + Bm * D, *u = g + Bm * F, *cs = u + Bm * F, *sn = cs + B * hd / 2;
-    float *scores = sn + B * hd / 2;
+    float *scores = sn + B * hd / 2, *kv_tmp = scores + nt * H / KV * max_len;
     for (int64_t b = 0; b < B; b++)
         for (int64_t i = 0; i < hd / 2; i++) {
             const float a = (float)pos[b] * M->inv_freq[i]; /* float32 angle, as input_pos.float() * inv_freq */
@@ -313,10 +427,10 @@ int herd_llama_decode(const void *model, float *x, int64_t B, const int64_t *pos
             hd_rope(k + b * KV * hd, KV, hd, cs + b * hd / 2, sn + b * hd / 2);
             const int64_t r = rows ? rows[b] : b;
             for (int64_t j = 0; j < KV; j++) {
-                const int64_t at = table ? ((table[r * M->table_stride + pos[b] / P] * P + pos[b] % P) * KV + j) * hd
-                                         : r * M->row_stride + (j * S + pos[b]) * hd;
-                memcpy(L->k_cache + at, k + (b * KV + j) * hd, sizeof(float) * (size_t)hd);
-                memcpy(L->v_cache + at, v + (b * KV + j) * hd, sizeof(float) * (size_t)hd);
+                const int64_t at = table ? (table[r * M->table_stride + pos[b] / P] * P + pos[b] % P) * KV + j
+                                         : r * M->row_stride + j * S + pos[b];
+                hd_kv_encode(k + (b * KV + j) * hd, hd, M->kv_type, L->k_cache + at * vb);
+                hd_kv_encode(v + (b * KV + j) * hd, hd, M->kv_type, L->v_cache + at * vb);
             }
         }
 #pragma omp parallel for num_threads(att_nt) if (att_nt > 1) schedule(static)
@@ -326,9 +440,9 @@ int herd_llama_decode(const void *model, float *x, int64_t B, const int64_t *pos
 #ifdef _OPENMP
             tid = omp_get_thread_num();
 #endif
-            const int64_t at = table ? j * hd : r * M->row_stride + j * S * hd;
+            const int64_t at = (table ? j : r * M->row_stride + j * S) * vb;
             const hd_kv kv = {L->k_cache + at, L->v_cache + at, table ? table + r * M->table_stride : NULL,
-                              table ? P : S, table ? KV * hd : hd, P * KV * hd};
+                              table ? P : S, table ? KV : 1, P * KV, M->kv_type, vb, kv_tmp + tid * HD_CHUNK * hd};
             hd_attend_group(q + (b * H + j * R) * hd, R, &kv, pos[b] + 1, hd, scores + tid * H / KV * max_len,
                             att + (b * H + j * R) * hd);
         }

@@ -19,7 +19,7 @@
 #include <omp.h>
 #endif
 
-#define HQ_ABI_VERSION 3
+#define HQ_ABI_VERSION 4
 /* AVX-512 int8 / int16 paths: from this many activation rows on, use the tiled GEMM (measured crossover: 2;
  * tunable for tests and benchmarks) */
 static int hq_gemm_min_rows = 2;

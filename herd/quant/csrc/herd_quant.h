@@ -39,4 +39,6 @@ int herd_q_dequantize_rows(const uint8_t *w, int type, int64_t k, const int64_t 
 int herd_q_quantize_act(const float *x, int64_t m, int64_t k, void *q, float *d, int bits, int isa);
 /* herd_decode.c: every decoder layer of a Llama model for one new token per row (layout: hd_model there) */
 int herd_llama_decode(const void *model, float *x, int64_t B, const int64_t *pos, const int64_t *rows, int nthreads);
+/* n head vectors x (n, hd) in the KV cache's stored form: type 0 f32, 1 f16, 2 q8_0 (hd % 32 == 0) */
+int herd_kv_encode(const float *x, int64_t n, int64_t hd, int type, uint8_t *out);
 #endif
