@@ -5,11 +5,15 @@ the weights every variant in .peers/models was made from, never the file under t
 FILE --kl-vs REF --json` on its default path, with int16 activations (the default) and int8 (HERD_QUANT_ACT=int8).
 llama.cpp: `llama-perplexity -m REF -f TEXT --kl-divergence-base BASE` once, then `llama-perplexity -m FILE
 --kl-divergence-base BASE --kl-divergence` (its default f16 KV cache; `--llama-f32-kv` adds a run with -ctk/-ctv f32,
-herd's KV type). Same text (herd/data/sample.txt), same context (512), the same number of chunks. The two tools
-score different tokens of each chunk (herd every position, llama-perplexity the second half), so PPLs differ a
-little between tools; the KLD of each tool is against the same float reference run by that tool.
+herd's default KV type). Same text (herd/data/sample.txt), same context (512), the same number of chunks, and the
+same scored tokens: herd runs with --llama-windows (llama-perplexity's windows; the second half of each predicted);
+the KLD of each tool is against the same float reference run by that tool.
 
-    python benchmarks/quality.py [--formats Q4_1,Q4_0,...] [--chunks 16] [--threads 2] [--out FILE]
+The cost of a smaller KV cache (`--kv-types f16,q8_0`, on the formats of `--kv-formats`): herd's `--kv-type X`
+and llama.cpp's `-ctk X -ctv X`, both against the reference run with an f32 KV cache.
+
+    python benchmarks/quality.py [--formats Q4_1,Q4_0,...] [--chunks 16] [--threads 2] [--kv-types f16,q8_0]
+                                 [--kv-formats Q4_1] [--out FILE]
 """
 
 from __future__ import annotations
@@ -53,16 +57,17 @@ def format_files(formats: list[str]) -> dict[str, Path]:
     return files
 
 
-def herd_kl(model: Path, ref: Path, chunks: int, threads: int, act: str) -> dict:
+def herd_kl(model: Path, ref: Path, chunks: int, threads: int, act: str, kv: str = "f32") -> dict:
     cmd = [sys.executable, "-m", "herd", "eval", "ppl", "--model", str(model), "--kl-vs", str(ref), "--json",
-           "--ctx", "512", "--max-chunks", str(chunks), "--threads", str(threads), "--file", str(TEXT)]
+           "--ctx", "512", "--max-chunks", str(chunks), "--threads", str(threads), "--file", str(TEXT),
+           "--llama-windows", "--kv-type", kv]
     env = dict(os.environ, HERD_QUANT_ACT=act, OMP_NUM_THREADS=str(threads))
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"command": cmd, "error": proc.stderr[-1500:]}
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"command": " ".join(cmd), "env": f"HERD_QUANT_ACT={act}", "wall_s": round(time.time() - t0, 1),
+    return {"command": " ".join(cmd), "env": f"HERD_QUANT_ACT={act}", "kv_cache": kv, "wall_s": round(time.time() - t0, 1),
             "kld_mean": res["kld"]["mean"], "kld_err": res["kld"]["err"], "kld_p99": res["kld"]["p99"],
             "same_top_p": 100 * res["same_top_p"], "same_top_p_err": 100 * res["same_top_p_err"],
             "ppl": res["ppl"], "ref_ppl": res["ref_ppl"], "delta_ppl": res["delta_ppl"],
@@ -139,11 +144,14 @@ def main(argv=None) -> int:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-f32-kv", action="store_true", help="also run llama.cpp with an f32 KV cache")
+    ap.add_argument("--kv-types", default="", help="smaller KV caches to measure, e.g. f16,q8_0")
+    ap.add_argument("--kv-formats", default="Q4_1", help="the formats on which --kv-types are measured")
     ap.add_argument("--out", type=Path, default=peers.RESULTS / "quality.json")
     args = ap.parse_args(argv)
     load_before, busy = check_load(False)
     ref = reference(peers.default_model())
-    kvs = [None, "f32"] if args.llama_f32_kv else [None]
+    kv_types = [k for k in args.kv_types.split(",") if k]
+    kvs = [None, "f32"] if args.llama_f32_kv or kv_types else [None]
     bases = {kv: llama_base(ref, args.chunks, args.threads, kv) for kv in kvs}
     report = {"command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "reference": str(ref), "text": str(TEXT), "chunks": args.chunks, "threads": args.threads,
@@ -155,7 +163,12 @@ def main(argv=None) -> int:
         for act in ("int16", "int8"):
             r[f"herd {act} act"] = herd_kl(path, ref, args.chunks, args.threads, act)
         for kv, (base, _) in bases.items():
-            r[f"llama.cpp {kv or 'f16'} KV"] = llama_kl(path, base, args.threads, kv)
+            if kv is None or args.llama_f32_kv:
+                r[f"llama.cpp {kv or 'f16'} KV"] = llama_kl(path, base, args.threads, kv)
+        if fmt in args.kv_formats.split(","):
+            for kv in kv_types:  # both against the reference with an f32 KV cache
+                r[f"herd int16 act, {kv} KV"] = herd_kl(path, ref, args.chunks, args.threads, "int16", kv)
+                r[f"llama.cpp {kv} KV vs f32-KV base"] = llama_kl(path, bases["f32"][0], args.threads, kv)
         report["formats"][fmt] = r
         print(json.dumps({fmt: {k: {x: v.get(x) for x in ("kld_mean", "same_top_p", "delta_ppl", "error")}
                                 for k, v in r.items()}}), flush=True)

@@ -252,7 +252,7 @@ def cmd_eval_ppl(args):
     llm = _load_llm(args)
     ref = load(args.kl_vs, "float32") if args.kl_vs else None
     result = perplexity(llm, read_text(args.file), ctx=args.ctx, max_chunks=args.max_chunks, ref=ref,
-                        progress=not args.json)
+                        progress=not args.json, llama_windows=args.llama_windows)
     if args.json:
         print(json.dumps(result))
         return
@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens")
     p.add_argument("--max-chunks", type=int, default=None)
     p.add_argument("--kl-vs", default=None, help="reference model: report mean KL(reference || model)")
+    p.add_argument("--llama-windows", action="store_true", help="score the tokens llama-perplexity scores (windows "
+                   "of --ctx tokens starting with BOS, the second half of each predicted), to compare with it")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)

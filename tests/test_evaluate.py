@@ -58,6 +58,30 @@ def test_perplexity_and_kl_equal_transformers(folders):
     assert float(kl.mean()) > 1e-3  # two different random models: the KL is not trivially zero
 
 
+def test_llama_windows_score_the_tokens_llama_perplexity_scores(folders):
+    """--llama-windows: windows of CTX tokens of the one token stream, the second half of each predicted
+    (llama-perplexity's kl_divergence: positions n_ctx/2 .. n_ctx-2), against transformers on those positions."""
+    from transformers import LlamaForCausalLM
+
+    a, b = folders
+    llm = herd.load(a)
+    ids = llm.tokenizer.encode(TEXT)
+    got = perplexity(llm, TEXT, ctx=CTX, max_chunks=3, progress=False, llama_windows=True)
+    first = CTX // 2
+    assert got["tokens"] == 3 * (CTX - 1 - first) and got["chunks"] == 3
+    model = LlamaForCausalLM.from_pretrained(a).eval()
+    nll = []
+    with torch.inference_mode():
+        for i in range(3):
+            x = torch.tensor([ids[i * CTX:(i + 1) * CTX]])
+            logp = torch.log_softmax(model(x).logits[0, first:-1].float(), -1)
+            nll.append(-logp.gather(1, x[0, first + 1:, None])[:, 0])
+    ref = float(torch.cat(nll).mean())
+    assert abs(got["nll"] - ref) <= 1e-5 * abs(ref)
+    with pytest.raises(herd.errors.GenerationError, match="too short"):
+        perplexity(llm, TEXT[:40], ctx=CTX, progress=False, llama_windows=True)
+
+
 def test_cli_json_and_errors(folders, tmp_path, capsys):
     a, _ = folders
     text = tmp_path / "t.txt"

@@ -4,6 +4,11 @@ standard error and percentiles, PPL(model) - PPL(ref) and ln(PPL(model) / PPL(re
 probability of the actual next token (Δp: mean, RMS, percentiles) and how often both models rank the same token
 first. The reference should be a float export of the weights the file under test was made from, never that file.
 
+`llama_windows=True` (`--llama-windows`) scores exactly the tokens llama-perplexity scores, for a comparison with
+it on the same tokens: the text tokenized as one stream (with BOS first when the tokenizer adds one), cut into
+windows of ctx tokens whose first token is set to BOS (when added), and only the second half of each window
+predicted (positions ctx/2 .. ctx-2): each scored token sees at least ctx/2 tokens of context.
+
 Errors are standard errors of the mean over tokens (std / sqrt(n - 1)); a PPL's error by the delta method
 (PPL x the error of the mean NLL), as llama-perplexity does.
 """
@@ -33,29 +38,40 @@ def _chunks(ids: list[int], ctx: int, max_chunks: int | None) -> list[list[int]]
 
 @torch.inference_mode()
 def perplexity(llm, text: str | None = None, *, ctx: int = 512, max_chunks: int | None = None, ref=None,
-               progress: bool = True) -> dict:
-    """Mean NLL and perplexity over non-overlapping ctx-token windows; with ref, mean KL(ref || model) per token."""
+               progress: bool = True, llama_windows: bool = False) -> dict:
+    """Mean NLL and perplexity over non-overlapping ctx-token windows; with ref, mean KL(ref || model) per token.
+    llama_windows: llama-perplexity's windows and scored positions (module docstring)."""
     if ctx < 2:
         raise GenerationError(f"ctx must be at least 2, got {ctx}")
     ctx = min(ctx, llm.config.max_seq_len)
     text = sample_text() if text is None else text
-    ids = llm.tokenizer.encode(text, bos=False)
-    if ref is not None and ref.tokenizer.encode(text[:2000]) != llm.tokenizer.encode(text[:2000]):
+    tok = llm.tokenizer
+    bos = tok.bos_id if tok.add_bos and tok.bos_id is not None else None
+    if ref is not None and ref.tokenizer.encode(text[:2000]) != tok.encode(text[:2000]):
         raise GenerationError("the reference model tokenizes the text differently; KL needs the same vocabulary")
-    chunks = _chunks(ids, ctx - 1 if llm.tokenizer.add_bos else ctx, max_chunks)
+    first = 0  # the first position whose prediction is scored
+    if llama_windows:
+        ids = tok.encode(text, bos=bos is not None)
+        chunks = [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)][:max_chunks or None]
+        chunks = [([bos] + c[1:]) if bos is not None else c for c in chunks]
+        first = ctx // 2
+        if not chunks:
+            raise GenerationError(f"the text is too short: llama-perplexity's windows need {ctx} tokens, it has "
+                                  f"{len(ids)}")
+    else:
+        chunks = _chunks(tok.encode(text, bos=False), ctx - 1 if bos is not None else ctx, max_chunks)
+        chunks = [([bos] + c) if bos is not None else c for c in chunks]
     if not chunks:
         raise GenerationError("the text is too short: it needs at least two tokens")
     nll, ref_nll, kld, dp, same = [], [], [], [], []  # per predicted token
     bar = tqdm(chunks, desc="perplexity", unit="chunk", disable=not progress, dynamic_ncols=True)
     n = 0
     for chunk in bar:
-        if llm.tokenizer.add_bos and llm.tokenizer.bos_id is not None:
-            chunk = [llm.tokenizer.bos_id] + chunk
-        logp = torch.log_softmax(llm.logits(chunk)[:-1].double(), -1)  # (T-1, V) predicting chunk[1:]
-        target = torch.tensor(chunk[1:])[:, None]
+        logp = torch.log_softmax(llm.logits(chunk)[first:-1].double(), -1)  # (T-1-first, V) predicting chunk[1+first:]
+        target = torch.tensor(chunk[1 + first:])[:, None]
         nll.append(-logp.gather(1, target)[:, 0])
         if ref is not None:
-            ref_logp = torch.log_softmax(ref.logits(chunk)[:-1].double(), -1)
+            ref_logp = torch.log_softmax(ref.logits(chunk)[first:-1].double(), -1)
             kld.append((ref_logp.exp() * (ref_logp - logp)).sum(-1))
             ref_nll.append(-ref_logp.gather(1, target)[:, 0])
             dp.append(logp.gather(1, target)[:, 0].exp() - ref_logp.gather(1, target)[:, 0].exp())
