@@ -211,7 +211,11 @@ def cmd_convert(args):
     from herd.api import parse_dtype
     from herd.formats.convert import convert
     from herd.hub import resolve
+    from herd.train.export import export, is_training_checkpoint
 
+    if is_training_checkpoint(args.src):  # OUT/checkpoints/step-N of herd pretrain / distill (any layout)
+        print(f"wrote {export(args.src, args.out, to=args.to, quant=args.quant, dtype=parse_dtype(args.dtype))}")
+        return
     out = convert(resolve(args.src), args.out, to=args.to, quant=args.quant, dtype=parse_dtype(args.dtype),
                   shards=args.shards)
     print(f"wrote {out}")

@@ -237,7 +237,8 @@ def run(tokens: TokenData, out: Path, cfg: PretrainConfig, mcfg, layout, start: 
     def save(step_: int) -> Path:
         state = {"step": step_, "scheduler": sched.state_dict(), "loader": loader.state_dict(),
                  "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(),
-                 "layout": {"kind": layout.kind, "world": layout.world, "tp": layout.tp}}
+                 "layout": {"kind": layout.kind, "world": layout.world, "tp": layout.tp},
+                 "data": {"folder": str(tokens.folder), "tokenizer": tokens.manifest.get("tokenizer")}}
         return dcp.save(out / "checkpoints", step_, model, opt, state, layout, cfg.keep_checkpoints)
 
     stop = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
