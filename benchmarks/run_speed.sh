@@ -25,12 +25,12 @@ for step in $steps; do case $step in
     case $step in formats) files="$main $rest" ;; formats-main) files=$main ;; *) files=$rest ;; esac
     for f in $files; do
       quiet "bench cpu $f"
-      $PY -m herd bench cpu --model "$f" --threads 1,2 --depths ${DEPTHS:-0,4096} -r ${REPS:-5} --out $OUT
+      $PY -m herd bench cpu --model "$f" --threads 1,2 --depths ${DEPTHS:-0,1024,4096} -r ${REPS:-5} --out $OUT
     done ;;
   fmt:*)
     f=$M/SmolLM2-135M-Instruct.${step#fmt:}.gguf
     quiet "bench cpu $f"
-    $PY -m herd bench cpu --model "$f" --threads 1,2 --depths ${DEPTHS:-0,4096} -r ${REPS:-5} --out $OUT ;;
+    $PY -m herd bench cpu --model "$f" --threads 1,2 --depths ${DEPTHS:-0,1024,4096} -r ${REPS:-5} --out $OUT ;;
   shapes)
     for f in $M/random-llama-3.2-1b.Q4_0.gguf $M/random-llama-3.2-1b.Q4_K_M.gguf \
              $M/random-llama-3.2-3b.Q4_0.gguf $M/random-llama-3.2-3b.Q4_K_M.gguf; do
@@ -47,5 +47,5 @@ for step in $steps; do case $step in
         --output-len 128 --port 18081 --out $OUT/serve_herd.json ;;
   quality)
     quiet "quality"
-    $PY benchmarks/quality.py --chunks ${CHUNKS:-16} --threads 2 ;;
+    $PY benchmarks/quality.py --chunks ${CHUNKS:-16} --threads 2 --kv-types f16,q8_0 ;;
 esac; done
