@@ -15,6 +15,14 @@ from herd.server.metrics import Metrics
 from herd.server.schemas import APIError
 
 
+def _bulk_dtype(model):
+    """The dtype holding most of a model's parameters (its norms may stay float32 in a bfloat16 model)."""
+    sizes: dict = {}
+    for p in model.parameters():
+        sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return max(sizes, key=sizes.get)
+
+
 class ServerState:
     """One app's model, engine and bookkeeping; the routes read it from `app.state.herd`."""
 
@@ -27,7 +35,7 @@ class ServerState:
         self.metrics = Metrics(engine.snapshot)
         # how the weights are held: "gguf-blocks" (quantized layers, native kernels and decode step) or a float dtype
         self.weights = "gguf-blocks" if any(hasattr(m, "ggml_type") for m in llm.model.modules()) \
-            else str(llm.model.norm.weight.dtype).removeprefix("torch.")
+            else str(_bulk_dtype(llm.model)).removeprefix("torch.")
         self._tool_support: bool | None = None
         self.draining = False  # set by the first SIGTERM (app.DrainingServer): new requests get 503
         self.in_flight = 0  # HTTP requests being answered (health probes aside)
