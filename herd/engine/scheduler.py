@@ -54,7 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from herd.engine.generate import Completion, Delta, _Seq, decode
 from herd.engine.paging import PagedKVCache, PagePool, attention_granule, round_up, row_granule
 from herd.errors import GenerationError
-from herd.ops.sampling import SamplingParams, pick_token
+from herd.ops.sampling import SamplingParams, apply_presence_frequency_penalty, pick_token
 
 
 class QueueFull(GenerationError):
@@ -440,12 +440,8 @@ class Engine:
     def _pick(self, req: Request, logits: torch.Tensor) -> None:
         """Choose req's next token from its row of logits (V,) and stream it."""
         seq = req.seq
-        scores = logits.float()
-        if req.presence_penalty or req.frequency_penalty:
-            if seq.out:
-                ids, counts = torch.unique(torch.tensor(seq.out), return_counts=True)
-                scores = scores.clone()
-                scores[ids] -= req.presence_penalty + req.frequency_penalty * counts.to(scores.dtype)
+        scores = apply_presence_frequency_penalty(logits.float(), seq.out, req.presence_penalty,
+                                                  req.frequency_penalty)
         if req.logit_bias:
             ids = torch.tensor(list(req.logit_bias), dtype=torch.long)
             scores = scores.clone()

@@ -61,12 +61,30 @@ class SamplingParams:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on tokens already seen (V,): positive logits divided, negative multiplied."""
+    """CTRL-style penalty on tokens already seen (V,): positive logits divided, negative multiplied.
+
+    Ids outside the output vocabulary (e.g. Mllama's image token, one past the last logit) are ignored: no logit
+    exists to penalise, as in transformers' RepetitionPenaltyLogitsProcessor."""
     if penalty == 1.0 or seen.numel() == 0:
         return logits
+    seen = seen[(seen >= 0) & (seen < logits.shape[-1])]
     logits = logits.clone()
     vals = logits[seen]
     logits[seen] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def apply_presence_frequency_penalty(logits: torch.Tensor, output_ids: list[int], presence: float,
+                                     frequency: float) -> torch.Tensor:
+    """OpenAI's penalties on one row (V,): logits[j] -= c[j] * frequency + (c[j] > 0) * presence, where c[j]
+    counts token j among the tokens generated so far (the prompt does not count)."""
+    if not (presence or frequency) or not output_ids:
+        return logits
+    ids, counts = torch.unique(torch.tensor(output_ids, dtype=torch.long), return_counts=True)
+    keep = ids < logits.shape[-1]
+    ids, counts = ids[keep], counts[keep].to(logits.dtype)
+    logits = logits.clone()
+    logits[ids] -= counts * frequency + presence  # (c > 0) is 1 for every id that unique() returned
     return logits
 
 
@@ -77,11 +95,15 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, -1)
-        # keep the smallest prefix whose mass reaches top_p (the token that crosses it stays)
-        drop_sorted = (torch.cumsum(probs, -1) - probs) >= p.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        # Least likely first: a token goes when it and every less likely token hold at most 1 - top_p of the mass,
+        # so the token that crosses top_p stays, and so does the most likely one. Summing from the tail, as
+        # transformers' TopPLogitsWarper does, keeps the kept set bit-identical to it at the boundary and on ties
+        # (summing from the head differed in ~3% of 49k-token rows by one boundary token).
+        ascending, order = torch.sort(logits, descending=False)
+        tail_mass = torch.softmax(ascending, -1).cumsum(-1)
+        drop_sorted = tail_mass <= (1 - p.top_p)
+        drop_sorted[-1] = False
+        drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     if p.min_p > 0:
         probs = torch.softmax(logits, -1)
@@ -89,16 +111,23 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def pick_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
-               history: list[int] | None = None) -> int:
-    """Choose the next token from one row of logits (V,)."""
+def sampling_logits(logits: torch.Tensor, p: SamplingParams, history: list[int] | None = None) -> torch.Tensor:
+    """The row (V,) float32 a token is drawn from: repetition penalty on history, then (unless greedy) temperature,
+    top-k, top-p, min-p; transformers' generate() applies them in this order."""
     logits = logits.float()
     if p.repetition_penalty != 1.0 and history:
         logits = apply_repetition_penalty(logits, torch.tensor(sorted(set(history)), dtype=torch.long),
                                           p.repetition_penalty)
+    return logits if p.temperature == 0 else filter_logits(logits, p)
+
+
+def pick_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
+               history: list[int] | None = None) -> int:
+    """Choose the next token from one row of logits (V,)."""
+    logits = sampling_logits(logits, p, history)
     if p.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(filter_logits(logits, p), -1)
+    probs = torch.softmax(logits, -1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
