@@ -27,8 +27,23 @@ from herd.quant.linear import QuantLinear
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 HAVE_NATIVE = native.load() is not None
-ISAS = list(range(native.best_isa() + 1)) if HAVE_NATIVE else []
+# every ISA this CPU runs (/proc/cpuinfo), not what the library happened to compile: a library built without
+# -march=native fails the AVX2 / AVX-512 cases instead of leaving them out
+ISAS = native.machine_isas()
+ISA_PARAMS = [pytest.param(isa, id=native.ISA_NAMES[isa]) for isa in ISAS]
+PATHS = [pytest.param(None, id="torch")] + ISA_PARAMS  # None: the PyTorch fallback
 TOL = 1e-5
+
+
+@pytest.fixture
+def lib():
+    """The native library, which must have every ISA of this CPU compiled in (fails, not skips, when it is not)."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    got = native.load()
+    assert got is not None, f"native kernels unavailable: {native.load_error()}"
+    assert native.best_isa() == max(ISAS), (native.best_isa(), [native.ISA_NAMES[i] for i in ISAS])
+    return got
 
 
 def random_blocks(name: str, n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -72,32 +87,31 @@ def int_bound(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------------------------
 # every type, odd shapes, 1 / 3 / 17 rows, both arithmetic modes, every compiled instruction set and the fallback
 
+@pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("n,nblocks", [(3, 5), (97, 3)])
-def test_matches_dequantize_then_matmul(name, n, nblocks):
+def test_matches_dequantize_then_matmul(name, n, nblocks, isa, request):
+    if isa is not None:
+        request.getfixturevalue("lib")
     _, qk, _ = GGML_TYPES[name]
     k = qk * nblocks
     raw = random_blocks(name, n, k, seed=n)
     w = reference_weight(raw, name, n, k)
     rawt = torch.from_numpy(raw)
-    paths = [("torch", None)] + [("native", isa) for isa in ISAS]
+    use_native, isa_arg = isa is not None, -1 if isa is None else isa  # one path per test
     for m in (1, 3, 17):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         ref_f = x.double() @ w.double().T
-        for path, isa in paths:
-            use_native = path == "native"
-            where = f"{name} n={n} k={k} m={m} {path} isa={isa}"
-            y_f = L.quant_matmul(x, rawt, GGML_TYPES[name][0], n, "f32", isa=-1 if isa is None else isa,
-                                 use_native=use_native)
-            assert y_f.shape == (m, n)
-            assert rel_err(y_f, ref_f) < TOL, where
-            for act, bits in (("int8", 8), ("int16", 16)):
-                y_i = L.quant_matmul(x, rawt, GGML_TYPES[name][0], n, act, isa=-1 if isa is None else isa,
-                                     use_native=use_native)
-                ref_i = L.fake_quantize_activations(x, bits).double() @ w.double().T
-                assert rel_err(y_i, ref_i) < TOL, (where, act)
-                slack = 1e-5 * ref_f.abs().max()
-                assert ((y_i.double() - ref_f).abs() <= int_bound(x, w, bits) + slack).all(), (where, act)
+        where = f"{name} n={n} k={k} m={m} isa={isa}"
+        y_f = L.quant_matmul(x, rawt, GGML_TYPES[name][0], n, "f32", isa=isa_arg, use_native=use_native)
+        assert y_f.shape == (m, n)
+        assert rel_err(y_f, ref_f) < TOL, where
+        for act, bits in (("int8", 8), ("int16", 16)):
+            y_i = L.quant_matmul(x, rawt, GGML_TYPES[name][0], n, act, isa=isa_arg, use_native=use_native)
+            ref_i = L.fake_quantize_activations(x, bits).double() @ w.double().T
+            assert rel_err(y_i, ref_i) < TOL, (where, act)
+            slack = 1e-5 * ref_f.abs().max()
+            assert ((y_i.double() - ref_f).abs() <= int_bound(x, w, bits) + slack).all(), (where, act)
 
 
 def test_float_gemm_in_row_chunks(monkeypatch):
@@ -110,27 +124,29 @@ def test_float_gemm_in_row_chunks(monkeypatch):
     assert rel_err(y, x.double() @ w.double().T) < TOL
 
 
+@pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("name", TYPES)
-def test_dequantize_is_exact(name):
+def test_dequantize_is_exact(name, isa, request):
     """Every product in these formats fits float32's mantissa, so one rounding: equal to gguf-py bit for bit."""
     _, qk, _ = GGML_TYPES[name]
     n, k = 19, 3 * qk
     raw = random_blocks(name, n, k, seed=5)
     ref = reference_weight(raw, name, n, k)
     rawt = torch.from_numpy(raw)
-    assert torch.equal(L.dequantize_torch(rawt, GGML_TYPES[name][0], k), ref)
-    for isa in ISAS:
+    if isa is None:
+        assert torch.equal(L.dequantize_torch(rawt, GGML_TYPES[name][0], k), ref)
+    else:
+        request.getfixturevalue("lib")
         assert torch.equal(L.dequantize_native(rawt, GGML_TYPES[name][0], n, k, isa=isa), ref), isa
     layer = QuantLinear.from_blocks(raw, name, n, k)
     assert torch.equal(layer.embedding(torch.tensor([3, 0, 18, 3])), ref[[3, 0, 18, 3]])
 
 
-@pytest.mark.skipif(not HAVE_NATIVE, reason="native kernels could not be built here")
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("m", [1, 2, 4, 5, 6, 7, 8, 9, 12, 16, 33])
-def test_every_row_count_takes_a_correct_path(m):
+def test_every_row_count_takes_a_correct_path(m, isa, lib):
     """Row counts around the kernels' switches: 4-row decode passes (and 4 / 2 weight rows per pass), the AVX-512
     int8 GEMM from 2 rows on (8-row micro-tiles, 16-row weight tiles), and the decode kernels forced instead."""
-    lib = native.load()
     for name in ("Q4_1", "Q8_0", "Q6_K"):
         _, qk, _ = GGML_TYPES[name]
         n, k = 37, 2 * qk
@@ -140,22 +156,19 @@ def test_every_row_count_takes_a_correct_path(m):
         for act, xr in (("f32", x), ("int8", L.fake_quantize_activations(x, 8)),
                         ("int16", L.fake_quantize_activations(x, 16))):
             ref = xr.double() @ w.double().T
-            for isa in ISAS:
-                for gemm_min_rows in (2, 1000):
-                    old = lib.herd_q_set_gemm_min_rows(gemm_min_rows)
-                    try:
-                        y = L.quant_matmul(x, torch.from_numpy(raw), GGML_TYPES[name][0], n, act, isa=isa)
-                    finally:
-                        lib.herd_q_set_gemm_min_rows(old)
-                    assert rel_err(y, ref) < TOL, (name, act, m, isa, gemm_min_rows)
+            for gemm_min_rows in (2, 1000):
+                old = lib.herd_q_set_gemm_min_rows(gemm_min_rows)
+                try:
+                    y = L.quant_matmul(x, torch.from_numpy(raw), GGML_TYPES[name][0], n, act, isa=isa)
+                finally:
+                    lib.herd_q_set_gemm_min_rows(old)
+                assert rel_err(y, ref) < TOL, (name, act, m, isa, gemm_min_rows)
 
 
-@pytest.mark.skipif(not HAVE_NATIVE, reason="native kernels could not be built here")
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("bits", [8, 16])
-def test_activation_quantization_is_bit_exact(isa, bits):
+def test_activation_quantization_is_bit_exact(isa, bits, lib):
     """The C rounding of activations equals quantize_activations (the fallback), ties and zero blocks included."""
-    lib = native.load()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 256, generator=g) * torch.logspace(-3, 2, 256)
     x[1, :32] = 0.0  # an all-zero block
@@ -171,8 +184,7 @@ def test_activation_quantization_is_bit_exact(isa, bits):
     assert q.abs().max() == (127 if bits == 8 else 32767)
 
 
-@pytest.mark.skipif(not HAVE_NATIVE, reason="native kernels could not be built here")
-def test_native_and_fallback_agree_and_threads_do_not_change_results():
+def test_native_and_fallback_agree_and_threads_do_not_change_results(lib):
     raw = torch.from_numpy(random_blocks("Q4_K", 64, 512))
     tid = GGML_TYPES["Q4_K"][0]
     x = torch.randn(3, 512)
@@ -219,8 +231,7 @@ def test_fallback_caches_float_weights_until_the_blocks_change(monkeypatch):
     assert len(L._fallback_cache) <= 1
 
 
-@pytest.mark.skipif(not HAVE_NATIVE, reason="native kernels could not be built here")
-def test_one_openmp_runtime_shared_with_torch():
+def test_one_openmp_runtime_shared_with_torch(lib):
     """The kernels' libgomp.so.1 must be torch's (one thread pool), not a second copy."""
     code = ("import torch, herd.quant.linear as L, herd.quant.native as n; assert n.load() is not None;"
             "maps = open('/proc/self/maps').read();"
