@@ -405,8 +405,11 @@ def test_api_key_is_required(server):
         server.client(api_key="wrong-key").models.list()
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": "test-model", "messages": []}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    for path in ("/health", "/metrics", "/v1/models"):
+    for path in ("/metrics", "/v1/models"):
         assert httpx.get(server.url + path, timeout=30).status_code == 401
+    for path in ("/health", "/v1/health"):  # public (liveness probes carry no key), the status alone
+        r = httpx.get(server.url + path, timeout=30)
+        assert r.status_code == 200 and set(r.json()) == {"status"}
     page = httpx.get(server.url + "/", timeout=30)  # the page itself carries no data; it asks for the key
     assert page.status_code == 200
 
