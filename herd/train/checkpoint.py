@@ -6,12 +6,16 @@ A checkpoint folder (checkpoints/step-000120/):
   trainable.safetensors   the trainable tensors by parameter name (LoRA A/B, or the whole model for full tuning)
   optimizer.pt            optimizer.state_dict()
   trainer.pt              scheduler state, torch RNG state, step, data position (epoch, batch), config
+
+Fault tests make the write observable with HERD_TEST_PAUSE_IN_CHECKPOINT=N: the write of step N's checkpoint stops
+for a minute after its first file, so a test can kill the process while the folder is half written.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from herd.errors import FormatError
 
 LATEST = "latest"
+PAUSE_ENV = "HERD_TEST_PAUSE_IN_CHECKPOINT"
 
 
 def _fsync(path: Path) -> None:
@@ -42,13 +47,17 @@ def save_checkpoint(root: str | Path, step: int, trainable: dict[str, torch.Tens
     tmp = root / f"{name}.tmp"
     tmp.mkdir()
     save_file({k: v.detach().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    if os.environ.get(PAUSE_ENV) == str(step):  # fault injection (module docstring): die here, half written
+        time.sleep(60)
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(trainer_state, tmp / "trainer.pt")
     for f in tmp.iterdir():
         _fsync(f)
     final = root / name
-    if final.exists():  # a re-run of the same step (after a resume): replace it
-        shutil.rmtree(final)
+    if final.exists():  # a re-run of the same step (after a resume): move the old one aside, then replace it
+        old = root / f"{name}.old.tmp"  # `latest` never names it (it names an earlier step), and .tmp is swept
+        os.replace(final, old)
+        shutil.rmtree(old)
     os.replace(tmp, final)
     _fsync(root)
     pointer = root / (LATEST + ".tmp")

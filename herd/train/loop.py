@@ -3,8 +3,10 @@
 What is applied to the model happens from outside it (torchtitan style): LoRA by module swap (lora.py), activation
 checkpointing by wrapping each block's forward, document masking for packed rows by pre-hooks (packed_forward). The
 loop is: next micro-batches -> loss summed over target tokens / targets in the window -> backward -> clip -> AdamW
--> warm-up + cosine LR. Everything that decides the next step (weights, optimizer, scheduler, torch RNG, data
-position) is in the checkpoint, so a resumed run on the CPU reproduces the losses of an uninterrupted one bit for bit.
+-> warm-up + cosine LR. What the user leaves unset (row length, micro-batch, learning rate) is chosen from the data,
+method and rank by plan.py and printed with its reasons before training; after it, answers.py checks exact answers.
+Everything that decides the next step (weights, optimizer, scheduler, torch RNG, data position) is in the checkpoint,
+so a resumed run on the CPU reproduces the losses of an uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from herd.errors import ConfigError
 from herd.train import checkpoint as ckpt_io
+from herd.train.answers import AnswerCheck, check_answers, questions, sample
 from herd.train.data import IGNORE, Batch, DataSummary, PackedData, load_examples
+from herd.train.plan import MAX_AUTO_SEQ_LEN, Plan, choose_seq_len, make_plan, resolved
 
 
 @dataclass
@@ -34,15 +39,15 @@ class FinetuneConfig:
     targets: str | list = "wq,wk,wv,wo,w1,w2,w3"
     dropout: float = 0.0
     quant: str = "q4_1"  # QLoRA over a float base: the scheme its linear layers are quantized to
-    lr: float | None = None  # default 2e-4 (LoRA) or 2e-5 (full)
+    lr: float | None = None  # default: plan.default_lr (1e-3 for LoRA/QLoRA rank 16, alpha 32; 2e-5 full)
     weight_decay: float = 0.0
     warmup: int | None = None  # warm-up steps; default 5% of the run
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     epochs: int = 1
     steps: int | None = None  # optimizer steps; overrides epochs
-    batch_tokens: int = 4096  # tokens per micro-batch (rows of seq_len)
+    batch_tokens: int | None = None  # tokens per micro-batch (rows of seq_len); default: from the data (plan.py)
     grad_accum: int = 1
-    seq_len: int = 512
+    seq_len: int | None = None  # packed row length; default: the longest example rounded up to 64, at most 512
     grad_clip: float = 1.0
     seed: int = 0
     eval_every: int = 0  # steps between evaluations (0: at the end only)
@@ -53,20 +58,23 @@ class FinetuneConfig:
     dtype: str = "float32"  # of the base weights; LoRA weights are float32
     progress: bool = True
     stop_at: int | None = None  # stop after this step as if interrupted (the schedule still plans the whole run)
+    check_samples: int = 32  # training prompts asked at the end when there is no eval data (the eval data: all of
+    # its rows); 0: no answer check
 
     def checked(self) -> "FinetuneConfig":
         if self.method not in ("lora", "qlora", "full"):
             raise ConfigError(f"method must be lora, qlora or full, got {self.method!r}")
-        for name in ("rank", "epochs", "batch_tokens", "grad_accum", "seq_len"):
-            if getattr(self, name) < 1:
+        for name in ("rank", "epochs", "batch_tokens", "grad_accum", "seq_len", "steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.batch_tokens < self.seq_len:
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.check_samples < 0:
+            raise ConfigError(f"check_samples must be >= 0, got {self.check_samples}")
+        if self.batch_tokens is not None and self.seq_len is not None and self.batch_tokens < self.seq_len:
             raise ConfigError(f"batch_tokens ({self.batch_tokens}) must hold at least one row of seq_len "
                               f"({self.seq_len})")
-        lr = self.lr if self.lr is not None else (2e-5 if self.method == "full" else 2e-4)
-        return dataclasses.replace(self, lr=lr)
+        return self
 
 
 @dataclass
@@ -78,6 +86,8 @@ class FinetuneResult:
     summary: DataSummary
     eval_summary: DataSummary | None = None
     metrics: list[dict] = field(default_factory=list)
+    plan: Plan | None = None
+    check: AnswerCheck | None = None  # exact answers after a completed run (None: not run)
 
 
 # -- applied from outside the model ----------------------------------------------------------------------------
@@ -173,9 +183,10 @@ def prepare_model(model_path, cfg: FinetuneConfig):
 # -- the loop --------------------------------------------------------------------------------------------------
 
 def finetune(model, data, out, *, eval_data=None, resume: bool = False, config: FinetuneConfig | None = None,
-             **options) -> FinetuneResult:
+             log=None, **options) -> FinetuneResult:
     """Fine-tune `model` (path or catalog name) on `data` (file(s)); write the adapter or model, metrics and plot
-    to `out`. Options are FinetuneConfig fields."""
+    to `out`. Options are FinetuneConfig fields. `log(line)` receives the chosen settings, their reasons and any
+    warning before training (default: stderr when progress is on)."""
     cfg = (config or FinetuneConfig())
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(FinetuneConfig)})
     if unknown:
@@ -186,16 +197,27 @@ def finetune(model, data, out, *, eval_data=None, resume: bool = False, config: 
     torch.manual_seed(cfg.seed)
     llm, named = prepare_model(model, cfg)
     model_ = llm.model
+    if log is None:
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if cfg.progress else (lambda line: None)
     pad = llm.tokenizer.pad_id if llm.tokenizer.pad_id is not None else (llm.tokenizer.eos_id or 0)
-    rows = cfg.batch_tokens // cfg.seq_len
-    examples, summary = load_examples(data, llm.tokenizer, llm.chat_format, cfg.seq_len, cfg.over_long)
+    cap = cfg.seq_len or MAX_AUTO_SEQ_LEN
+    examples, summary = load_examples(data, llm.tokenizer, llm.chat_format, cap, cfg.over_long)
+    plan = make_plan(cfg, [len(e.ids) for e in examples],
+                     lambda seq: PackedData(examples, seq, 1, cfg.seed, pad).n_batches(0),
+                     lambda seq, rows: [PackedData(examples, seq, rows, cfg.seed, pad).n_batches(e)
+                                        for e in range(cfg.epochs)])
+    cfg = resolved(cfg, plan)
+    log(f"data: {summary.line()}")
+    for line in plan.lines():
+        log(line)
+    rows, total, warmup = plan.rows_per_batch, plan.total_steps, plan.warmup
     train = PackedData(examples, cfg.seq_len, rows, cfg.seed, pad)
     evals, eval_summary = None, None
-    if eval_data is not None:
-        ev, eval_summary = load_examples(eval_data, llm.tokenizer, llm.chat_format, cfg.seq_len, cfg.over_long)
-        evals = PackedData(ev, cfg.seq_len, rows, None, pad)
-    total = cfg.steps or math.ceil(sum(train.n_batches(e) for e in range(cfg.epochs)) / cfg.grad_accum)
-    warmup = cfg.warmup if cfg.warmup is not None else max(1, round(0.05 * total))
+    if eval_data is not None:  # eval rows fit the eval examples (the training rows may be shorter)
+        ev, eval_summary = load_examples(eval_data, llm.tokenizer, llm.chat_format, cap, cfg.over_long)
+        ev_len = max(cfg.seq_len, choose_seq_len([len(e.ids) for e in ev], cap))
+        evals = PackedData(ev, ev_len, max(1, cfg.batch_tokens // ev_len), None, pad)
+        log(f"eval data: {eval_summary.line()}")
 
     decay = [p for n, p in named.items() if p.dim() >= 2]
     no_decay = [p for n, p in named.items() if p.dim() < 2]
@@ -272,17 +294,29 @@ def finetune(model, data, out, *, eval_data=None, resume: bool = False, config: 
             if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
                 save(step)
     bar.close()
+    check = None
     if step == total:
         _write_result(llm, model, cfg, out)
+        if eval_data is not None and cfg.check_samples:
+            check = check_answers(llm, questions(eval_data), "the eval data")
+        elif cfg.check_samples:
+            qs = questions(data)
+            check = check_answers(llm, sample(qs, cfg.check_samples, cfg.seed),
+                                  f"{min(len(qs), cfg.check_samples)} training prompts (a sample; nothing withheld)")
     plot_metrics(metrics_path, out / "loss.png")
-    (out / "summary.json").write_text(json.dumps({"train": dataclasses.asdict(summary), "eval": dataclasses.asdict(
-        eval_summary) if eval_summary else None, "steps": step, "total_steps": total}, indent=2), encoding="utf-8")
-    return FinetuneResult(out, step, losses, eval_losses, summary, eval_summary, records)
+    (out / "summary.json").write_text(json.dumps({
+        "train": dataclasses.asdict(summary), "eval": dataclasses.asdict(eval_summary) if eval_summary else None,
+        "steps": step, "total_steps": total, "settings": {k: getattr(cfg, k) for k in (
+            "method", "rank", "alpha", "lr", "seq_len", "batch_tokens", "grad_accum", "epochs", "warmup")},
+        "plan": plan.lines(),
+        "answer_check": None if check is None else {"source": check.source, "asked": check.asked,
+                                                    "exact": check.exact}}, indent=2), encoding="utf-8")
+    return FinetuneResult(out, step, losses, eval_losses, summary, eval_summary, records, plan, check)
 
 
 def _check_same_run(saved: dict, cfg: FinetuneConfig, folder: Path) -> None:
     """A resume must continue the same run: every field that changes the math must match."""
-    free = {"progress", "stop_at", "save_every", "keep_checkpoints", "eval_every"}
+    free = {"progress", "stop_at", "save_every", "keep_checkpoints", "eval_every", "check_samples"}
     now = dataclasses.asdict(cfg)
     diff = sorted(k for k in now if k not in free and saved.get(k) != now[k])
     if diff:
