@@ -198,6 +198,21 @@ def test_the_answer_check_grades_greedy_replies():
     assert asked[0][1]["max_tokens"] == 2 + 8  # the longest reference and a little room
 
 
+def test_a_run_on_chosen_settings_resumes_bit_exact(tiny, facts, tmp_path):
+    """The chosen settings are recorded in the checkpoint: a resume re-plans the same run and continues it exactly."""
+    from herd.train.loop import finetune
+
+    opts = dict(epochs=3, dropout=0.1, seed=5, progress=False, check_samples=0)
+    whole = finetune(tiny, facts, tmp_path / "a", **opts)
+    assert whole.plan.rows_per_batch == 4 and whole.steps == 6 and whole.check is None
+    part = finetune(tiny, facts, tmp_path / "b", save_every=2, stop_at=3, **opts)  # checkpoints at steps 2 and 3
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step-000002\n")  # as if step 3's write had died
+    rest = finetune(tiny, facts, tmp_path / "b", resume=True, **opts)
+    assert part.losses[:2] + rest.losses == whole.losses
+    a, b = (tmp_path / "a" / "adapter_model.safetensors").read_bytes(), (tmp_path / "b" / "adapter_model.safetensors")
+    assert a == b.read_bytes()
+
+
 # -- the default model learns invented facts with only --epochs given ------------------------------------------
 
 @pytest.mark.slow
