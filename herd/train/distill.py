@@ -66,6 +66,20 @@ def _float_checkpoint(path):
     return ckpt.config, ckpt.state_dict
 
 
+def load_float_model(path) -> nn.Module:
+    """Any checkpoint herd loads as a plain float32 Transformer (no tokenizer or chat format needed)."""
+    from herd.formats import load_checkpoint
+    from herd.hub import resolve
+    from herd.models.llama import build_model
+
+    ckpt = load_checkpoint(resolve(str(path)), torch.float32, with_tokenizer=False)
+    divisors = ckpt.state_dict.pop("rope.freqs", None)  # a GGUF's own RoPE divisors, applied as herd.api.load does
+    model = build_model(ckpt.config, ckpt.state_dict)
+    if divisors is not None:
+        model.set_inv_freq(model.inv_freq / divisors.float().reshape(-1))
+    return model
+
+
 def prune_depth(config, sd: dict, keep: int):
     """Keep the first keep-1 layers and the last one, renumbered."""
     n = config.n_layers
@@ -207,8 +221,6 @@ def agreement(teacher_model, student_model, tokens: torch.Tensor) -> dict:
 def distill(teacher, data, out, *, resume: bool = False, resume_from=None, config: DistillConfig | None = None,
             **options) -> PretrainResult:
     """Distill `teacher` (any model herd loads) into a student on prepared shards `data`, into `out`."""
-    from herd.api import load
-
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(DistillConfig)})
     if unknown:
         raise ConfigError(f"unknown distillation options {unknown}")
@@ -217,7 +229,7 @@ def distill(teacher, data, out, *, resume: bool = False, resume_from=None, confi
     world, _, _ = parallel.env_world()
     parallel.check_layout(cfg.parallel, cfg.tp, world, cfg.batch_size, cfg.grad_accum)
     tokens = TokenData(data)
-    t_model = load(teacher, "float32").model
+    t_model = load_float_model(teacher)
     if t_model.config.vocab_size < tokens.vocab_size:
         raise ConfigError(f"teacher {teacher}: vocabulary {t_model.config.vocab_size} is smaller than the data's "
                           f"tokenizer ({tokens.vocab_size}); prepare the data with the teacher's tokenizer")
