@@ -23,7 +23,8 @@ def _add_model(p, positional=False, adapter=True):
         p.add_argument("model", nargs="?", default=None, help="checkpoint path or catalog name (default model if omitted)")
     else:
         p.add_argument("--model", "-m", default=None, help="checkpoint path or catalog name (default: the default model)")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's; GGUF -> float32)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 for float weights (default: float32, the faster CPU path; a GGUF "
+                   "keeps its blocks unless --dequantize)")
     if not positional and adapter:
         p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT layout) to run unmerged")
     if not positional:

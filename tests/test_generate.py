@@ -127,3 +127,13 @@ def test_top_p_keeps_the_crossing_token():
     assert torch.isfinite(kept).tolist() == [True, True, False, False]
     kept = filter_logits(logits, SamplingParams(temperature=1.0, top_k=1))
     assert torch.isfinite(kept).tolist() == [True, False, False, False]
+
+
+def test_load_gives_the_dtype_asked_for(tmp_path):
+    """load(path, dtype) builds the model in that dtype (the tensors were once cast back to float32); float32 when
+    none is asked for."""
+    import herd
+
+    save_hf_model("llama3-gqa", tmp_path, seed=7)
+    for dtype, want in (("bfloat16", torch.bfloat16), ("float32", torch.float32), (None, torch.float32)):
+        assert {p.dtype for p in herd.load(tmp_path, dtype).model.parameters()} == {want}, dtype
