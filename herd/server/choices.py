@@ -118,10 +118,12 @@ class Collected:
     reasons: list[str | None] = field(init=False)
     counts: list[int] = field(init=False)
     logprobs: list[list] = field(init=False)
+    stop_logprobs: list = field(init=False)  # the logprob entry of the stop token that ended a choice, if any
 
     def __post_init__(self):
         self.texts, self.reasons, self.counts = [""] * self.n, [None] * self.n, [0] * self.n
         self.logprobs = [[] for _ in range(self.n)]
+        self.stop_logprobs = [None] * self.n
 
 
 async def _until_disconnect(request) -> None:
@@ -144,6 +146,8 @@ async def collect(request, choices: Choices, n: int) -> Collected:
                 out.counts[i] += 1
                 if ev.logprob is not None:
                     out.logprobs[i].append(ev.logprob)
+            elif ev.logprob is not None:
+                out.stop_logprobs[i] = ev.logprob
 
     task = asyncio.ensure_future(run())
     watch = asyncio.ensure_future(_until_disconnect(request))

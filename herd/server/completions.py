@@ -1,14 +1,20 @@
 """POST /v1/completions: raw text completion of one prompt or several (text or token ids), `n` choices each, with
 echo and the legacy logprobs shape (tokens, token_logprobs, top_logprobs, text_offset).
 
-Imports: herd's errors, and this folder's choices, state and schemas.
+With echo and logprobs the prompt's own tokens come first (the first with null logprobs), scored by one forward
+of the prompt outside the engine (herd.engine.embeddings.prompt_logprobs), then the generated ones, the stop token
+included: lm-eval's local-completions reads a likelihood as the entries between the context and the last one.
+
+Imports: herd's errors, the engine's prompt scorer, and this folder's choices, state and schemas.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
+from herd.engine.embeddings import prompt_logprobs
 from herd.errors import HerdError
 from herd.server.choices import Choices, collect, event_stream, sampling, usage
 from herd.server.schemas import APIError, CompletionRequest, parse_body
@@ -37,13 +43,53 @@ def _prompts(state: ServerState, req: CompletionRequest) -> tuple[list[list[int]
     return prompts, texts_in
 
 
+async def _echo_logprobs(state: ServerState, prompts: list[list[int]], k: int) -> list[dict]:
+    """The legacy logprobs of each prompt's own tokens (echo): the first token has none (null), each other its
+    log-probability given the tokens before it and the k most likely alternatives; one forward per prompt, outside
+    the engine (it keeps no logits of prompt positions), in a worker thread."""
+    llm = state.llm
+    model = getattr(llm, "llm", llm).model
+    out = []
+    for ids in prompts:
+        try:
+            values, tops = await asyncio.get_running_loop().run_in_executor(None, prompt_logprobs, model, ids, k)
+        except HerdError as e:
+            raise APIError(400, f"echo with logprobs: {e}", param="echo") from None
+        tokens, offsets, at = [], [], 0
+        for t in ids:
+            text = state.token_text(t)[0]
+            tokens.append(text)
+            offsets.append(at)
+            at += len(text)
+        top = [_top_dict(state, row) for row in tops]
+        out.append({"tokens": tokens, "token_logprobs": [None, *values], "top_logprobs": [None, *top],
+                    "text_offset": offsets})
+    return out
+
+
+def _top_dict(state: ServerState, top: list) -> dict:
+    """{token text: logprob} of (id, logprob) pairs, most likely first; two ids with the same text (byte pieces
+    that decode to U+FFFD) keep the likelier value, so the dict's maximum stays the position's maximum."""
+    out: dict = {}
+    for tid, v in top:
+        out.setdefault(state.token_text(tid)[0], v)
+    return out
+
+
+def _joined(head: dict | None, tail: dict | None) -> dict | None:
+    """Legacy logprobs of the prompt (echo) followed by those of the generated tokens."""
+    if head is None or tail is None:
+        return tail if head is None else head
+    return {key: head[key] + tail[key] for key in head}
+
+
 def _text_logprobs(state: ServerState, entries: list, offset0: int) -> dict:
     tokens, values, tops, offsets, at = [], [], [], [], offset0
     for lp in entries:
         t, _ = state.token_text(lp.token)
         tokens.append(t)
         values.append(lp.logprob)
-        tops.append({state.token_text(tid)[0]: v for tid, v in lp.top})
+        tops.append(_top_dict(state, lp.top))
         offsets.append(at)
         at += len(t)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
@@ -55,33 +101,40 @@ async def completion(state: ServerState, request):
     req = await parse_body(request, CompletionRequest)
     state.check_model(req.model)
     prompts, texts_in = _prompts(state, req)
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo with logprobs (prompt logprobs) is not supported.", param="echo")
     limits = [state.length_check(len(ids), req.token_limit(), "prompt") for ids in prompts]
-    choices = Choices(state)
+    # echo + logprobs: the prompt's own logprobs come first (what lm-eval's local-completions reads)
+    echoed = await _echo_logprobs(state, prompts, req.logprobs) if req.echo and req.logprobs is not None \
+        else [None] * len(prompts)
     n = req.n
-    for j, ids in enumerate(prompts):
-        for i in range(n):
-            choices.submit(j * n + i, ids, sampling(req, limits[j], req.logprobs, i), req)
     n_prompt = sum(len(x) for x in prompts)
-    state.metrics.prompt_tokens.inc(n_prompt)
     total = len(prompts) * n
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name, "system_fingerprint": "herd"}
+    if req.echo and req.token_limit() == 0 and not req.stream:  # the prompt alone: nothing to generate
+        state.metrics.prompt_tokens.inc(n_prompt)
+        return {**base, "usage": usage(n_prompt, 0), "choices": [
+            {"index": c, "text": texts_in[c // n], "finish_reason": "length", "logprobs": echoed[c // n]}
+            for c in range(total)]}
+    choices = Choices(state)
+    for j, ids in enumerate(prompts):
+        for i in range(n):
+            choices.submit(j * n + i, ids, sampling(req, limits[j], req.logprobs, i), req)
+    state.metrics.prompt_tokens.inc(n_prompt)
 
     if req.stream:
         offsets = [len(texts_in[c // n]) if req.echo else 0 for c in range(total)]
 
         def piece(c: int, ev, reason: str | None, counted: bool) -> dict | None:
             lp = None
-            if req.logprobs is not None and ev.logprob is not None and counted:
+            # with echo, the stop token's entry is kept too: a scorer reads the tokens after the prompt by count
+            if req.logprobs is not None and ev.logprob is not None and (counted or req.echo):
                 lp = _text_logprobs(state, [ev.logprob], offsets[c])
             offsets[c] += len(ev.text)
             if not ev.text and lp is None and reason is None:
                 return None
             return {"index": c, "text": ev.text, "logprobs": lp, "finish_reason": reason}
 
-        opening = [{"index": c, "text": texts_in[c // n], "logprobs": None, "finish_reason": None}
+        opening = [{"index": c, "text": texts_in[c // n], "logprobs": echoed[c // n], "finish_reason": None}
                    for c in range(total)] if req.echo else []
         return event_stream(choices, n=total, base=base, opening=opening, piece=piece, n_prompt=n_prompt,
                             include_usage=bool(req.stream_options and req.stream_options.include_usage))
@@ -90,7 +143,8 @@ async def completion(state: ServerState, request):
     out = []
     for c in range(total):
         head = texts_in[c // n] if req.echo else ""
+        entries = got.logprobs[c] + ([got.stop_logprobs[c]] if req.echo and got.stop_logprobs[c] else [])
         out.append({"index": c, "text": head + got.texts[c], "finish_reason": got.reasons[c],
-                    "logprobs": _text_logprobs(state, got.logprobs[c], len(head)) if req.logprobs is not None
-                    else None})
+                    "logprobs": _joined(echoed[c // n], _text_logprobs(state, entries, len(head)))
+                    if req.logprobs is not None else None})
     return {**base, "choices": out, "usage": usage(n_prompt, sum(got.counts))}
