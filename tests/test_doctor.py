@@ -56,6 +56,7 @@ def test_doctor_json_matches_its_sources(smollm_gguf, capsys, monkeypatch):
         assert r["native"]["isa"] == native.ISA_NAMES[native.best_isa()]
         assert Path(r["native"]["path"]).is_file()
         assert "-O3" in r["native"]["flags"]
+        assert r["native"]["machine_isas"] == [native.ISA_NAMES[i] for i in native.machine_isas()]
     else:
         assert r["native"]["error"] == native.load_error()
 

@@ -245,8 +245,10 @@ def test_merge_paths(paths, flags, want):
     assert merge_paths(paths, **kw) == want
 
 
-@pytest.mark.parametrize("paths, flags", [([], {}), (["A"], {}), (["B", "A", "O", "X"], {}),
-                                          (["B", "A", "O"], {"model": "M"}), (["B", "X"], {"adapter": "A", "out": "O"})])
+@pytest.mark.parametrize("paths, flags", [
+    ([], {}), (["A"], {}), (["B", "A", "O", "X"], {}), (["B", "A", "O"], {"model": "M"}),
+    (["B", "X"], {"adapter": "A", "out": "O"}),
+])
 def test_merge_paths_errors(paths, flags):
     from herd.train.cli import merge_paths
 
@@ -265,7 +267,8 @@ def test_merge_positional_equals_flags(tiny, tmp_path, capsys):
     data = tmp_path / "facts.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "Who founded the Guild?"},
                                              {"role": "assistant", "content": "Mira Okonkwo."}]}) + "\n")
-    finetune(tiny, data, tmp_path / "ft", steps=2, rank=4, seq_len=64, batch_tokens=128, lr=1e-2, warmup=0, progress=False)
+    finetune(tiny, data, tmp_path / "ft", steps=2, rank=4, seq_len=64, batch_tokens=128, lr=1e-2, warmup=0,
+             check_samples=0, progress=False)
     assert main(["merge", str(tiny), str(tmp_path / "ft"), str(tmp_path / "pos")]) == 0
     assert main(["merge", "--model", str(tiny), "--adapter", str(tmp_path / "ft"), "--out", str(tmp_path / "flags")]) \
         == 0

@@ -1,8 +1,8 @@
 """`herd doctor`: what a bug report needs, in one command. Versions (herd, Python, torch, the libraries herd leans
 on), the OS, the CPU and the ISA flags the kernels care about, thread counts, how herd's native kernels were built
-(herd.quant.native), the cache folder with the pulled models and their sizes, and whether llama.cpp is there (the
-Python binding and the tools `make peers` builds). Reads only: nothing is downloaded; the native library is loaded
-(and built, as any first use would) so that the report says what herd will really run.
+(herd.quant.native.build_info), the cache folder with the pulled models and their sizes, and whether llama.cpp is
+there (the Python binding and the tools `make peers` builds). Reads only: nothing is downloaded; the native library
+is loaded (and built, as any first use would) so that the report says what herd will really run.
 """
 
 from __future__ import annotations
@@ -53,26 +53,14 @@ def threads() -> dict:
 
 
 def native_kernels() -> dict:
-    """How herd's C kernels were built: native.build_info() where it exists, else what native.py exposes."""
+    """How herd's C kernels were built (native.build_info(): path, compiler, flags, dropped flags, ISA), whether
+    HERD_NO_NATIVE switched them off, and the warnings loading them gave."""
     from herd.quant import native
 
-    disabled = os.environ.get("HERD_NO_NATIVE", "") not in ("", "0")
     with warnings.catch_warnings(record=True) as caught:  # the build's warning is reported here, not printed
         warnings.simplefilter("always")
-        if hasattr(native, "build_info"):
-            info = dict(native.build_info())
-        else:
-            lib = native.load()
-            info = {"available": lib is not None, "error": native.load_error(),
-                    "isa": native.ISA_NAMES.get(native.best_isa()) if lib is not None else None}
-            if lib is not None:
-                key = native.build_key()
-                path = next((d / native.library_name(key) for d in (native.PACKAGE_DIR, native.cache_dir())
-                             if (d / native.library_name(key)).exists()), None)
-                info["path"] = str(path) if path else None
-                info["compiler"] = native.compiler()
-                info["flags"] = native.BASE_FLAGS + (["-fopenmp"] if path and b"libgomp" in path.read_bytes() else [])
-    info["disabled"] = disabled
+        info = dict(native.build_info())
+    info["disabled"] = os.environ.get("HERD_NO_NATIVE", "") not in ("", "0")
     info["warnings"] = [str(w.message) for w in caught]
     return info
 
@@ -172,7 +160,9 @@ def text(r: dict) -> str:
              f"(interop {t['torch_interop_threads']})"]
     if n.get("available"):
         flags = " ".join(n.get("flags") or []) or "unknown"
-        lines.append(f"native     {n.get('isa')} kernels; {n.get('compiler') or 'compiler unknown'}; flags {flags}")
+        cc = n.get("compiler_version") or n.get("compiler") or "compiler unknown"
+        lines.append(f"native     {n.get('isa')} kernels (this CPU runs {', '.join(n.get('machine_isas') or [])}); "
+                     f"{cc}; flags {flags}")
         if n.get("dropped"):
             lines.append(f"           dropped flags: {n['dropped']}")
         lines.append(f"           {n.get('path')}")
