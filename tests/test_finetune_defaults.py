@@ -216,7 +216,8 @@ def test_a_run_on_chosen_settings_resumes_bit_exact(tiny, facts, tmp_path):
 # -- the default model learns invented facts with only --epochs given ------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # 120 optimizer steps of the 135M model on 2 cores (see the commit for the timing)
+@pytest.mark.timeout(1800)  # 120 steps x ~2 CPU-s (measured on one thread) and two answer checks: minutes on a
+# quiet 2-core machine; a machine oversubscribed 10x over is far slower (two threads then mostly wait on each other)
 def test_defaults_teach_the_default_model_new_facts(smollm_gguf, tmp_path, capsys):
     """48 training pairs, 16 paraphrased held-out questions: >= 80% exact held-out answers after --epochs 10."""
     from herd.api import load
