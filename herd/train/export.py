@@ -18,6 +18,17 @@ def is_training_checkpoint(path) -> bool:
     return (Path(path) / dcp.TRAINER).is_file()
 
 
+def model_from_checkpoint(folder):
+    """The plain float32 Transformer of a training checkpoint, gathered in one process (eval mode)."""
+    from herd.models.llama import build_model
+
+    cfg_dict, full = dcp.full_model_state(folder)
+    config = ModelConfig.from_dict(cfg_dict)
+    if config.tie_embeddings:
+        full.pop("output.weight", None)
+    return build_model(config, full)
+
+
 def export(folder, out, *, to: str = "hf", quant: str | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write the training checkpoint `folder` as an HF folder, a Meta folder or a GGUF file at `out`."""
     from herd.formats import Checkpoint, load_checkpoint, save_hf, save_meta, write_gguf
