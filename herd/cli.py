@@ -272,7 +272,7 @@ def cmd_serve(args):
           kv_tokens=args.kv_tokens, max_queue=args.max_queue, page_size=args.page_size,
           prefill_chunk=args.prefill_chunk, prefix_cache=not args.no_prefix_cache, dtype=args.dtype,
           served_model_name=args.served_model_name, chat_template=args.chat_template, log_level=args.log_level,
-          vision=args.vision, drain_timeout=args.drain_timeout, **load_options(args))
+          vision=args.vision, adapters=args.adapter, drain_timeout=args.drain_timeout, **load_options(args))
 
 
 def _add_serve(sub) -> None:
@@ -294,6 +294,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file replacing the model's")
     p.add_argument("--vision", default=None, metavar="DIR", help="vision model from `herd train-vision` that answers "
                    "requests with image_url parts (default: the one trained for --model, if any)")
+    p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR", help="a LoRA adapter (PEFT "
+                   "folder) served beside the base model, picked by a request's `model` (repeatable; NAME defaults "
+                   "to the folder's name; more at run time with POST /v1/adapters)")
     _add_threads(p)
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM/SIGINT, seconds to let requests in "

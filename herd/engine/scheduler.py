@@ -363,7 +363,7 @@ class Engine:
         a prompt with images what the model says (the text before its first image, in chains of its own kind)."""
         if req.images is None:
             return 0, len(req.feed)
-        return self.model.prefix_key(req.feed)
+        return self.model.prefix_key(req.feed, req.images)
 
     def _grow(self, req: Request, n_tokens: int) -> bool:
         """Give req pages for its first n_tokens positions; False if the pool is empty."""

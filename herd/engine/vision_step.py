@@ -103,7 +103,7 @@ class VisionStep(nn.Module):
             embeds = self.mm.embed(t, inputs.to(dtype))[0]  # inputs: pixel values (tiles, 3, S, S)
         self.bound[row] = _Bound(ids, embeds=embeds, lora=self.has_lora)
 
-    def prefix_key(self, ids) -> tuple[int, int]:
+    def prefix_key(self, ids, inputs=None) -> tuple[int, int]:
         """(root, limit) for the prefix cache of a prompt with images: its pages may be shared only with prompts of
         the same root, and only over its first `limit` tokens, those whose keys and values no image can change.
         Early fusion: the text before the first <|patch|> (herd's rows run the vision LoRA: a root of their own).

@@ -18,7 +18,7 @@ from torch import nn
 from herd.errors import ConfigError, FormatError
 from herd.formats import keymaps
 from herd.formats.io import read_json, save_safetensors_atomic, write_text_atomic
-from herd.models.lora import TARGETS, apply_lora, lora_modules
+from herd.models.lora import TARGETS, apply_lora, lora_modules, parse_targets
 
 HF_PREFIX = "base_model.model."  # PEFT's prefix in front of the transformers model's own names
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -107,25 +107,33 @@ def adapter_base(folder: str | Path) -> str | None:
     return read_adapter_config(folder).get("base_model_name_or_path") or None
 
 
-def apply_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Add a saved PEFT LoRA adapter to a herd model (unmerged); the function `herd generate --adapter` calls."""
+def read_adapter(folder: str | Path, model: nn.Module) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(config, {herd module path: (A (r, in), B (out, r))}) of a saved PEFT LoRA adapter for this base model, B in
+    herd's q/k row order; every tensor checked against the module it targets. The scaling is lora_alpha / r."""
     folder = Path(folder)
     cfg = read_adapter_config(folder)
     targets = cfg["target_modules"]
     if isinstance(targets, str):  # PEFT allows a regex here; herd accepts the plain list form only
         raise FormatError(f"{folder / ADAPTER_CONFIG}: target_modules as a regex is not supported; use a list")
+    short = set(parse_targets(targets))
+    layers = cfg.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers
+    expected = {}  # herd module path -> (in, out) for every module the config says the adapter holds
+    for i, block in enumerate(model.layers):
+        if layers is not None and i not in layers:
+            continue
+        for t in short:
+            base = block.get_submodule(TARGETS[t][0])
+            base = getattr(base, "base", base)  # already a LoRA layer: its base's shape
+            expected[f"layers.{i}.{TARGETS[t][0]}"] = (int(base.in_features), int(base.out_features))
     path = folder / ADAPTER_WEIGHTS
     try:
         with safe_open(path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise FormatError(f"{path}: cannot be read ({e})") from None
-    layers = cfg.get("layers_to_transform")
-    layers = [layers] if isinstance(layers, int) else layers
-    apply_lora(model, rank=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])), targets=targets,
-               layers=layers)
-    mods = lora_modules(model)
-    seen = set()
+    r = int(cfg["r"])
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         stem = key.removeprefix(HF_PREFIX)
         for part in ("lora_A", "lora_B"):
@@ -136,22 +144,40 @@ def apply_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         else:
             raise FormatError(f"{path}: tensor {key!r} is not a LoRA A/B weight")
         herd_mod = _herd_module_name(hf_mod)
-        if herd_mod not in mods:
+        if herd_mod not in expected:
             raise FormatError(f"{path}: tensor {key!r} targets a module the adapter config does not list")
-        m = mods[herd_mod]
+        n_in, n_out = expected[herd_mod]
+        want = (r, n_in) if part == "lora_A" else (n_out, r)
+        if tuple(t.shape) != want:
+            raise FormatError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, the model expects {want}")
         if part == "lora_B":
             perm = _row_permutation(herd_mod, model.config, to_hf=False)
             t = perm(t) if perm else t
-        dst = getattr(m, part).weight
-        if tuple(t.shape) != tuple(dst.shape):
-            raise FormatError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, the model expects "
-                              f"{tuple(dst.shape)}")
-        with torch.no_grad():
-            dst.copy_(t.to(dst.dtype))
-        seen.add((herd_mod, part))
-    missing = sorted(f"{m}.{p}" for m in mods for p in ("lora_A", "lora_B") if (m, p) not in seen)
+        parts.setdefault(herd_mod, {})[part] = t
+    missing = sorted(f"{m}.{p}" for m in expected for p in ("lora_A", "lora_B") if p not in parts.get(m, {}))
     if missing:
         raise FormatError(f"{path}: missing LoRA weights for {missing[:4]}{'...' if len(missing) > 4 else ''}")
+    return cfg, {m: (d["lora_A"], d["lora_B"]) for m, d in parts.items()}
+
+
+def adapter_scaling(cfg: dict) -> float:
+    r = int(cfg["r"])
+    return float(cfg.get("lora_alpha", r)) / r
+
+
+def apply_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Add a saved PEFT LoRA adapter to a herd model (unmerged); the function `herd generate --adapter` calls."""
+    cfg, weights = read_adapter(folder, model)
+    layers = cfg.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers
+    apply_lora(model, rank=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])), targets=cfg["target_modules"],
+               layers=layers)
+    mods = lora_modules(model)
+    for path, (a, b) in weights.items():
+        m = mods[path]
+        with torch.no_grad():
+            m.lora_A.weight.copy_(a.to(m.lora_A.weight.dtype))
+            m.lora_B.weight.copy_(b.to(m.lora_B.weight.dtype))
     for p in model.parameters():
         p.requires_grad_(False)
     return model

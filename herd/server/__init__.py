@@ -34,7 +34,7 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
           served_model_name: str | None = None, chat_template: str | None = None, log_level: str = "warning",
           max_connections: int = 1024, vision: str | None = None, keep_quantized: bool | None = None,
           drain_timeout: float = 30.0,
-          quantization: str | None = None, kv_type: str | None = None) -> None:
+          quantization: str | None = None, kv_type: str | None = None, adapters: list[str] | None = None) -> None:
     """Load a model and serve it over HTTP until interrupted. vision: a `herd train-vision` folder that answers
     requests with images (default: the one trained for this model, when there is one). On SIGTERM or SIGINT it
     drains: new requests get 503 and it exits once those in flight are answered (at most drain_timeout s)."""
@@ -59,12 +59,17 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
         from herd.formats.vision_ckpt import CONFIG_FILE
         from herd.hub import default_vision_dir
 
-        if vision is not None or (default_vision_dir(model) / CONFIG_FILE).exists():
+        if vision is not None or (not adapters and (default_vision_dir(model) / CONFIG_FILE).exists()):
             image_model = ImageChat.load(vision, llm=llm, model=model)
             print(f"herd: images answered by the vision model in {vision or default_vision_dir(model)}",
                   file=sys.stderr, flush=True)
     aliases = {llm.source, model_name_for(llm.source)} | ({model} if model else set())
-    app = create_app(llm, model_name=name, api_key=api_key, aliases=aliases, vision=image_model, max_batch=max_batch,
+    if adapters:  # ["NAME=DIR" or "DIR", ...] -> {name: dir}, served beside the base (herd/server/adapters.py)
+        from herd.server.adapters import parse_adapter_arg
+
+        adapters = dict(parse_adapter_arg(a) for a in adapters)
+    app = create_app(llm, model_name=name, api_key=api_key, aliases=aliases, vision=image_model, adapters=adapters,
+                     max_batch=max_batch,
                      ctx=ctx, kv_tokens=kv_tokens, max_queue=max_queue, page_size=page_size,
                      prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
     engine = app.state.engine

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over the continuous-batching Engine.
 
-Routes: GET / (the chat page), GET /health, GET /metrics (Prometheus text), GET /v1/models[/{id}],
+Routes: GET / (the chat page), GET /health, GET /metrics (Prometheus text), GET /v1/models[/{id}], the adapters'
+GET / POST /v1/adapters and DELETE /v1/adapters/{name} (adapters.py),
 POST /v1/chat/completions, POST /v1/completions (both with `stream` as server-sent events ending in [DONE]).
 Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}. With an API key every route but the
 page itself needs `Authorization: Bearer KEY`. The engine runs in its own thread; each HTTP request submits one
@@ -30,6 +31,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from herd.engine.scheduler import Engine
+from herd.errors import ConfigError
+from herd.server.adapters import add_routes as add_adapter_routes, load_adapter
 from herd.server.chat import chat_completion
 from herd.server.completions import completion
 from herd.server.metrics import CONTENT_TYPE
@@ -43,7 +46,7 @@ STATIC_TYPES = {".js": "text/javascript", ".svg": "image/svg+xml", ".css": "text
                 ".png": "image/png", ".ico": "image/x-icon"}
 HEALTH_PATHS = ("/health", "/v1/health")  # public: without the key they answer the status alone
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/health",
-          "/openapi.json")
+          "/openapi.json", "/v1/adapters")
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -51,16 +54,26 @@ def error_response(err: APIError) -> JSONResponse:
 
 
 def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), engine: Engine | None = None,
-               vision=None, **engine_kwargs) -> FastAPI:
+               vision=None, adapters: dict[str, str] | None = None, **engine_kwargs) -> FastAPI:
     """An ASGI app serving `llm` (FastAPI behind the auth/metrics gate); the engine thread starts and stops with
     the app's lifespan. vision: what encodes requests with image parts (herd.api.ImageChat over the same llm); by
     default the llm itself when it takes images (a vision checkpoint), else none (such requests get 400). With one,
-    the engine drives its VisionStep, so requests with and without images share one continuous batch."""
+    the engine drives its VisionStep, so requests with and without images share one continuous batch. adapters:
+    {name: PEFT folder} served beside the base model (herd/server/adapters.py), picked by a request's `model`."""
     if vision is None and getattr(llm, "accepts_images", False):
         vision = llm
     if engine is None:
         engine_kwargs.setdefault("kv_type", getattr(llm, "kv_type", None))
-        engine = Engine((vision or llm).step(), llm.tokenizer, llm.stop_ids, **engine_kwargs)
+        model = (vision or llm).step()
+        if adapters:
+            from herd.engine.adapter_step import AdapterStep
+
+            if vision is not None:
+                raise ConfigError("adapters are served over a text model, not beside a vision model")
+            model = AdapterStep(model)
+            for name, folder in adapters.items():
+                load_adapter(model, name, folder)
+        engine = Engine(model, llm.tokenizer, llm.stop_ids, **engine_kwargs)
     state = ServerState(llm, engine, model_name, api_key or None, aliases, vision)
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     # The page's files, read once: only these names are served (no path from a request reaches the file system).
@@ -137,7 +150,10 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [state.model_card()]}
+        from herd.server.adapters import adapter_card
+
+        return {"object": "list", "data": [state.model_card()]
+                + [adapter_card(n, state) for n in (state.adapters.names if state.adapters else {})]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
@@ -152,6 +168,7 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), 
     async def completions(request: Request):
         return await completion(state, request)
 
+    add_adapter_routes(app, state)  # GET / POST /v1/adapters, DELETE /v1/adapters/{name}
     return _Gate(app, state)
 
 

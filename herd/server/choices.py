@@ -55,6 +55,8 @@ class Choices:
                images=None) -> None:
         """Queue one choice on the engine (images: the prompt's, as the vision model encoded them)."""
         bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
+        if images is None and self.state.adapters is not None:  # the adapter the request names (None: the base)
+            images = self.state.adapters.choice(getattr(req, "model", None))
 
         def sink(ev, choice=choice, loop=self.loop, queue=self.queue):
             loop.call_soon_threadsafe(queue.put_nowait, (choice, ev))

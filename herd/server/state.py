@@ -31,6 +31,8 @@ class ServerState:
         self.vision = vision  # what answers requests with images (ImageChat or a vision checkpoint), or None
         self.llm_stop_ids = llm.stop_ids
         self.names = {model_name, *aliases}
+        # the AdapterStep the engine drives when adapters are served (herd/server/adapters.py), else None
+        self.adapters = engine.model if hasattr(engine.model, "names") and hasattr(engine.model, "choice") else None
         self.created = int(time.time())
         self.metrics = Metrics(engine.snapshot)
         # how the weights are held: "gguf-blocks" (quantized layers, native kernels and decode step) or a float dtype
@@ -42,7 +44,7 @@ class ServerState:
         self._token_text: dict[int, tuple[str, list[int]]] = {}
 
     def check_model(self, name: str) -> None:
-        if name not in self.names:
+        if name not in self.names and not (self.adapters is not None and name in self.adapters.names):
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
                            param="model", code="model_not_found")
 
