@@ -63,8 +63,10 @@ def test_blocks_equal_the_reference_quantizer_and_run_quantized(tiny256, tmp_pat
     assert isinstance(lin, QuantLinear) and lin.ggml_type == int(getattr(Q, kind))
     ids = q.tokenizer.encode("the quick brown fox jumps over the lazy dog " * 3)
     a, b = q.logits(ids), f.logits(ids)
-    assert (a - b).abs().max() <= 2e-2 * b.abs().max(), (a - b).abs().max()
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    # measured max |a - b| 6.6e-5 .. 8.9e-5 of max |b| over the four schemes, argmax equal at 68 of 68 positions,
+    # on 2026-12-07, 2 cores (avx512-vnni)
+    assert (a - b).abs().max() <= 1e-3 * b.abs().max(), (a - b).abs().max() / b.abs().max()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
     # the original float model is near (quantization error only; a random tiny model has no outlier structure)
     ref = herd.load(tiny256).logits(ids)
     assert torch.nn.functional.cosine_similarity(b.flatten(), ref.flatten(), dim=0) > (0.999 if kind == "Q8_0"
@@ -123,4 +125,6 @@ def test_llama_cpp_runs_herds_q4_k_of_the_default_model(smollm_gguf, tmp_path):
     agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean()
     kl = torch.nn.functional.kl_div(ours.log_softmax(-1), theirs.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1).mean()
-    assert agree >= 0.9 and kl < 0.05, (agree, kl)
+    # measured: argmax equal at 27 of 27 positions, mean KL 1.7e-2 (max 9.9e-2) on 2026-12-07, 2 cores; 10x would
+    # loosen the bound, so it stays at 0.05
+    assert agree == 1.0 and kl < 0.05, (agree, kl)
