@@ -294,12 +294,28 @@ def test_penalties_and_logit_bias_steer_tokens(model):
     while eng.step():
         pass
     assert h.result().output_ids == [7] * 8
-    h = eng.submit(prompt, SamplingParams(max_tokens=8, ignore_eos=True), frequency_penalty=2.0,
-                   presence_penalty=2.0)
-    while eng.step():
-        pass
-    penalised = h.result().output_ids
-    assert len(set(penalised)) >= len(set(base))
+    for presence, frequency in ((2.0, 0.0), (0.0, 2.0), (1.5, 0.5)):
+        h = eng.submit(prompt, SamplingParams(max_tokens=8, ignore_eos=True), frequency_penalty=frequency,
+                       presence_penalty=presence)
+        while eng.step():
+            pass
+        penalised = h.result().output_ids
+        want = penalised_greedy(model, prompt, 8, presence, frequency)
+        assert penalised == want, (presence, frequency)
+        assert penalised != base, (presence, frequency)  # here the penalty changes the answer: a no-op would fail
+
+
+def penalised_greedy(model, prompt: list[int], n: int, presence: float, frequency: float) -> list[int]:
+    """Greedy tokens under OpenAI's published penalty formula, on full forwards without a cache:
+    mu[j] -> mu[j] - c[j] * frequency_penalty - float(c[j] > 0) * presence_penalty, c[j] = times j was generated."""
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            mu = model(torch.tensor([prompt + out]))[0, -1].double()
+            c = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=mu.numel()).double()
+            mu = mu - c * frequency - (c > 0).double() * presence
+            out.append(int(mu.argmax()))
+    return out
 
 
 @pytest.mark.slow
