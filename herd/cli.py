@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat, max_tokens=512)
 
     p = sub.add_parser("tokenize", help="text -> token ids")
-    _add_model(p)
+    # the tokenizer alone: no weights are loaded, so no --dtype, --adapter or quantization flags to ignore
+    p.add_argument("--model", "-m", default=None, help="checkpoint path or catalog name (default: the default model)")
     p.add_argument("text")
     p.add_argument("--bos", action="store_true", help="prepend BOS")
     p.add_argument("--special", action="store_true", help="read special-token text as special tokens")
