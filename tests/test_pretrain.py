@@ -169,6 +169,25 @@ def test_fsdp_checkpoint_reshards_to_one_process_and_exports(runs, tmp_path):
     assert torch.equal(llm.model(x), ours)
 
 
+def test_seed_checkpoint_gives_the_starting_weights(data, tmp_path):
+    from herd.models.llama import Transformer
+    from herd.train.pretrain import init_weights
+    from herd.train.presets import model_config
+    from herd.train.shards import Loader, TokenData
+
+    seed = pretrain(data, tmp_path / "seed", **{**ARGS, "steps": 0, "seed": 5}).checkpoint
+    assert seed.name == "step-000000"
+    run = pretrain(data, tmp_path / "run", init_from=str(seed), **{**ARGS, "steps": 1})  # data order: seed 0
+    plain = pretrain(data, tmp_path / "plain", **{**ARGS, "steps": 1})
+    tokens = TokenData(data)
+    model = Transformer(model_config("debug", tokens.vocab_size))
+    init_weights(model, 5)
+    x, y = Loader(tokens, T, B, seed=0).next()[0]
+    with torch.no_grad():
+        ref = float(torch.nn.functional.cross_entropy(model(x).reshape(-1, tokens.vocab_size), y.reshape(-1)))
+    assert abs(run.losses[0] - ref) <= 1e-6 and abs(plain.losses[0] - ref) > 1e-4
+
+
 def test_bad_input_fails_before_work(runs, data, tmp_path):
     with pytest.raises(ConfigError, match="--batch-size 3 .* not divisible by the data-parallel degree 2"):
         check_layout("fsdp", None, 2, 3, 1)

@@ -9,8 +9,9 @@ So every layout computes the same step: the golden-loss tests hold DDP and FSDP2
 within 1e-5 of one process.
 
 Initial weights come from the seed alone (built in full on the CPU, identically in every process, before the layout
-is applied) or from --init-from (a herd training checkpoint, or any checkpoint herd loads); checkpoints are DCP
-(dcp.py), so a run resumes at another world size or layout.
+is applied) or from --init-from (a herd training checkpoint, or any checkpoint herd loads). `--steps 0` writes the
+seed checkpoint (OUT/checkpoints/step-000000) and stops: initialise once, then `--init-from` it in any layout.
+Checkpoints are DCP (dcp.py), so a run resumes at another world size or layout.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ class PretrainConfig:
     stop_at: int | None = None  # stop after this step as if interrupted (the schedule still plans every step)
 
     def checked(self) -> "PretrainConfig":
-        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+        if self.steps < 0:
+            raise ConfigError(f"--steps must be >= 0 (0 writes the seed checkpoint only), got {self.steps}")
+        for name in ("batch_size", "seq_len", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):
