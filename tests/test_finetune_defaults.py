@@ -219,7 +219,11 @@ def test_a_run_on_chosen_settings_resumes_bit_exact(tiny, facts, tmp_path):
 @pytest.mark.timeout(1800)  # 120 steps x ~2 CPU-s (measured on one thread) and two answer checks: minutes on a
 # quiet 2-core machine; a machine oversubscribed 10x over is far slower (two threads then mostly wait on each other)
 def test_defaults_teach_the_default_model_new_facts(smollm_gguf, tmp_path, capsys):
-    """48 training pairs, 16 paraphrased held-out questions: >= 80% exact held-out answers after --epochs 10."""
+    """48 training pairs, 16 paraphrased held-out questions: >= 80% exact held-out answers after --epochs 10.
+
+    Measured (the same steps with --threads 1, machine load 12-20 on 2 cores): 120 steps, train loss 2.14 -> 0.001,
+    32/32 exact on the sampled training prompts, 15/16 held out (the miss: the apprentices' tower answered "Tallow
+    House", the meeting hall); fine-tune 1,287 s, held-out check 27 s. The old defaults made 10 steps of this data."""
     from herd.api import load
     from herd.cli import main
     from herd.formats.peft import apply_adapter
