@@ -118,6 +118,50 @@ class LLM:
         cache = KVCache(self.config, 1, t.shape[1], dtype=dtype, device=device, kv_type=self.kv_type)
         return self.model(t.to(device), torch.arange(t.shape[1], device=device)[None], cache)[0].float()
 
+    # -- embeddings and reranking (herd/engine/embeddings.py) ---------------------------------------------
+    def _text_model(self):
+        """The text Transformer whose hidden states embeddings read (an ImageChat's text model)."""
+        return getattr(self, "llm", self).model
+
+    def embed(self, inputs: Sequence, pooling: str = "mean", normalize: bool = True) -> torch.Tensor:
+        """Embeddings (N, D) float32 of texts (encoded raw, as a completion prompt) or token-id lists: the final
+        hidden states (after the last norm) pooled by "mean" (default), "last" or "cls", L2-normalised."""
+        from herd.engine.embeddings import check_sequences, embed_ids
+
+        seqs = [self.encode_prompt(x, raw=True) if isinstance(x, str) else list(x) for x in inputs]
+        check_sequences(seqs, self.config.vocab_size, self.config.max_seq_len)
+        return embed_ids(self._text_model(), seqs, pooling, normalize)
+
+    def rerank(self, query: str, documents: Sequence[str]) -> list[float]:
+        """Relevance of each document to the query, in (0, 1]: the query's likelihood given the document (UPR,
+        Sachan et al. 2022: the per-token geometric mean of p(query | RERANK_PROMPT with the document)). Any
+        causal LM scores this way, small ones included, with no embedding training."""
+        return self.rerank_scores(self.rerank_inputs(query, documents))
+
+    def rerank_inputs(self, query: str, documents: Sequence[str]) -> list[tuple[list[int], int]]:
+        """(ids, where the query starts) of each document's scoring sequence: RERANK_PROMPT, then the query."""
+        if self.tokenizer is None:
+            raise GenerationError(f"{self.source}: reranking needs the checkpoint's tokenizer")
+        if not query.strip():
+            raise GenerationError("rerank: the query is empty")
+        if not documents:
+            raise GenerationError("rerank: no documents given")
+        q = self.tokenizer.encode(" " + query.strip())
+        heads = [self.tokenizer.encode(RERANK_PROMPT.format(document=d), bos=self.tokenizer.add_bos)
+                 for d in documents]
+        return [(h + q, len(h)) for h in heads]
+
+    def rerank_scores(self, inputs: Sequence[tuple[list[int], int]]) -> list[float]:
+        from herd.engine.embeddings import check_sequences, continuation_logprobs
+
+        check_sequences([ids for ids, _ in inputs], self.config.vocab_size, self.config.max_seq_len, "document")
+        lps = continuation_logprobs(self._text_model(), [ids for ids, _ in inputs], [a for _, a in inputs])
+        return [float(lp.mean().exp()) for lp in lps]
+
+
+# The query-likelihood prompt of LLM.rerank (UPR's, Sachan et al. 2022)
+RERANK_PROMPT = "Passage: {document}\nPlease write a question based on this passage.\nQuestion:"
+
 
 def drop_tokenizer_arrays(metadata: dict) -> dict:
     """GGUF metadata without the vocabulary arrays (tokens, merges, scores, types) once the tokenizer holds them:

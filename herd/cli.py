@@ -180,6 +180,20 @@ def cmd_tokenize(args):
         print(" ".join(map(str, ids)))
 
 
+def cmd_embed(args):
+    texts = list(args.text)
+    if args.file:
+        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+        with stream:
+            texts += [line.rstrip("\n") for line in stream if line.strip()]
+    if not texts:
+        raise GenerationError("herd embed: give texts as arguments or --file FILE (one text per line)")
+    _set_threads(args)
+    vectors = _load_llm(args).embed(texts, pooling=args.pooling)
+    for i, (text, v) in enumerate(zip(texts, vectors.tolist())):
+        print(json.dumps({"index": i, "text": text, "embedding": v}, ensure_ascii=False))
+
+
 def cmd_info(args):
     from herd.formats import load_checkpoint
     from herd.hub import resolve
@@ -335,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--special", action="store_true", help="read special-token text as special tokens")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("embed", help="texts -> embeddings (pooled final hidden states, normalised), JSON lines")
+    _add_model(p, adapter=False)
+    p.add_argument("text", nargs="*", help="texts to embed (or --file)")
+    p.add_argument("--file", default=None, help="a file of texts, one per line ('-' reads stdin)")
+    p.add_argument("--pooling", default="mean", choices=("mean", "last", "cls"), help="how token states become one "
+                   "vector: mean (default), last token, or first token")
+    _add_threads(p)
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("info", help="print a checkpoint's config")
     p.add_argument("model", nargs="?", default=None)

@@ -35,6 +35,7 @@ from herd.errors import ConfigError
 from herd.server.adapters import add_routes as add_adapter_routes, load_adapter
 from herd.server.chat import chat_completion
 from herd.server.completions import completion
+from herd.server.embeddings import add_routes as add_embedding_routes
 from herd.server.metrics import CONTENT_TYPE
 from herd.server.schemas import APIError, openapi_bodies
 from herd.server.state import ServerState
@@ -168,6 +169,7 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, aliases=(), 
     async def completions(request: Request):
         return await completion(state, request)
 
+    add_embedding_routes(app, state)  # POST /v1/embeddings, /v1/rerank
     add_adapter_routes(app, state)  # GET / POST /v1/adapters, DELETE /v1/adapters/{name}
     return _Gate(app, state)
 

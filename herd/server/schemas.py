@@ -188,6 +188,54 @@ class CompletionRequest(_Sampling):
         return 16 if self.max_tokens is None else self.max_tokens  # the OpenAI default for completions
 
 
+class EmbeddingRequest(_Strict):
+    """POST /v1/embeddings (OpenAI's body) plus herd's `pooling` (see herd/engine/embeddings.py for why mean is the
+    default)."""
+
+    model: StrictStr
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(default=None, ge=1)
+    user: StrictStr | None = None
+    pooling: Literal["mean", "last", "cls"] = "mean"  # herd extension
+
+    @model_validator(mode="after")
+    def _check_input(self):
+        items = [self.input] if isinstance(self.input, str) or (self.input and isinstance(self.input[0], int)) \
+            else self.input
+        if not items:
+            raise ValueError("input: must not be empty")
+        if len(items) > 2048:
+            raise ValueError(f"input: at most 2048 inputs per request, got {len(items)}")
+        for i, x in enumerate(items):
+            if not x:
+                raise ValueError(f"input: input {i} is empty")
+        return self
+
+    def items(self) -> list:
+        """The inputs as a list of strings or token-id lists."""
+        one = isinstance(self.input, str) or isinstance(self.input[0], int)
+        return [self.input] if one else list(self.input)
+
+
+class RerankDocument(_Lenient):
+    text: StrictStr
+
+
+class RerankRequest(_Strict):
+    """POST /v1/rerank: the Cohere / Jina body that llama.cpp and vLLM serve."""
+
+    model: StrictStr | None = None
+    query: StrictStr = Field(min_length=1)
+    documents: list[StrictStr | RerankDocument] = Field(min_length=1, max_length=1000)
+    top_n: StrictInt | None = Field(default=None, ge=1)
+    return_documents: StrictBool = False
+    user: StrictStr | None = None
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
 # -------------------------------------------------------------------------------------------------- errors
 class APIError(Exception):
     """An error answered in the OpenAI shape."""
@@ -203,7 +251,8 @@ class APIError(Exception):
 
 
 # -------------------------------------------------------------------------------------------------- schema
-BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+          "/v1/embeddings": EmbeddingRequest, "/v1/rerank": RerankRequest}
 
 
 def openapi_bodies(schema: dict) -> dict:
