@@ -426,8 +426,11 @@ def markdown(report: dict) -> str:
             shared = "" if fc is None else (f"; other processes used {fc:.0%} of the CPUs meanwhile"
                                             + (" (**DISTURBED**)" if fc > 0.1 else ""))
             lines.append(f"- {e}, {run['threads']} threads: peak RSS {run['peak_rss_mb']:.0f} MB; {extra}{shared}")
-    lines.append("\npp: prefill of a 512-token prompt on top of `depth` cached tokens; tg: 128 single-token decode "
-                 "steps after `depth`; b8_tg: aggregate decode of 8 sequences (llama.cpp: llama-batched-bench S_TG). "
+    st = report.get("settings", {})
+    n_p, n_g, nb = st.get("n_prompt", 512), st.get("n_gen", 128), st.get("batch", 8)
+    lines.append(f"\npp: prefill of a {n_p}-token prompt on top of `depth` cached tokens; tg: {n_g} single-token "
+                 f"decode steps after `depth`; b{nb}_tg: aggregate decode of {nb} sequences (llama.cpp: "
+                 "llama-batched-bench S_TG). "
                  "Mean ± stddev over the repetitions. Decode bound = bandwidth / bytes per token; prefill bound = "
                  "float32 GEMM peak / (2 x matmul parameters).")
     return ("BUSY\n\n" if report["busy"] else "") + "\n".join(lines) + "\n"
