@@ -205,3 +205,11 @@ def test_bad_input_fails_before_work(runs, data, tmp_path):
     assert res.returncode != 0
     assert res.stderr.count("herd: error: --batch-size 3 (global sequences per step) is not divisible") == 2
     assert not (tmp_path / "y").exists()
+
+
+def test_tp_degree_must_split_the_heads(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: refused before any process group is made
+    shape = {"dim": 96, "n_layers": 1, "n_heads": 3, "n_kv_heads": 3, "ffn_dim": 96, "vocab_size": 49152}
+    with pytest.raises(ConfigError, match=r"tensor parallel degree 2 does not divide the model's n_heads \(3\)"):
+        pretrain(data, tmp_path / "tp", parallel="tp", model_config=shape, **ARGS)
+    assert not (tmp_path / "tp").exists()

@@ -227,7 +227,7 @@ def distill(teacher, data, out, *, resume: bool = False, resume_from=None, confi
     cfg = dataclasses.replace(config or DistillConfig(), **options).checked()
     out = Path(out)
     world, _, _ = parallel.env_world()
-    parallel.check_layout(cfg.parallel, cfg.tp, world, cfg.batch_size, cfg.grad_accum)
+    _, tp, _ = parallel.check_layout(cfg.parallel, cfg.tp, world, cfg.batch_size, cfg.grad_accum)
     tokens = TokenData(data)
     t_model = load_float_model(teacher)
     if t_model.config.vocab_size < tokens.vocab_size:
@@ -240,8 +240,8 @@ def distill(teacher, data, out, *, resume: bool = False, resume_from=None, confi
     if cfg.seq_len > min(mcfg.max_seq_len, t_model.config.max_seq_len):
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the student's or teacher's context")
     start = _resume_point(out / "checkpoints", resume, resume_from, cfg, mcfg)
-    if cfg.parallel in ("tp", "fsdp+tp"):
-        parallel.check_tp_shape(mcfg, cfg.tp or world)
+    if tp > 1:  # heads and MLP width must split over the TP ranks: refused here, on every rank
+        parallel.check_tp_shape(mcfg, tp)
     layout = parallel.setup(cfg.parallel, cfg.tp, cfg.batch_size, cfg.grad_accum)
     try:
         t_model.to(layout.device)

@@ -159,7 +159,7 @@ def pretrain(data, out, *, resume: bool = False, resume_from=None, config: Pretr
     ckpt_root = out / "checkpoints"
     # every check that can fail is made on every rank before any process group, model or data work
     world, _, _ = parallel.env_world()
-    parallel.check_layout(cfg.parallel, cfg.tp, world, cfg.batch_size, cfg.grad_accum)
+    _, tp, _ = parallel.check_layout(cfg.parallel, cfg.tp, world, cfg.batch_size, cfg.grad_accum)
     tokens = TokenData(data)
     mcfg = config_for(cfg, tokens.vocab_size)
     if mcfg.vocab_size < tokens.vocab_size:
@@ -167,8 +167,8 @@ def pretrain(data, out, *, resume: bool = False, resume_from=None, config: Pretr
     if cfg.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's context ({mcfg.max_seq_len})")
     start = _resume_point(ckpt_root, resume, resume_from, cfg, mcfg)
-    if cfg.parallel in ("tp", "fsdp+tp") or (cfg.tp or 1) > 1:
-        parallel.check_tp_shape(mcfg, cfg.tp or world)
+    if tp > 1:  # heads and MLP width must split over the TP ranks: refused here, on every rank
+        parallel.check_tp_shape(mcfg, tp)
     layout = parallel.setup(cfg.parallel, cfg.tp, cfg.batch_size, cfg.grad_accum)
     try:
         return run(tokens, out, cfg, mcfg, layout, start, build(mcfg, cfg), ce_loss)
