@@ -75,7 +75,8 @@ def test_next_token_kl_at_every_position(herd_llm, hf):
     got = torch.log_softmax(herd_llm.logits(ids), -1)
     kl = (want.exp() * (want - got)).sum(-1)
     assert kl.shape == (200,)
-    assert kl.max().item() <= 1e-3
+    # measured max 5.8e-7 (mean 5.7e-8) on 2026-12-07, 2 cores (avx512-vnni kernels, the blocks kept)
+    assert kl.max().item() <= 6e-6, kl.max().item()
 
 
 def test_answers_the_capital_question(herd_llm):
