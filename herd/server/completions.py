@@ -5,7 +5,8 @@ With echo and logprobs the prompt's own tokens come first (the first with null l
 of the prompt outside the engine (herd.engine.embeddings.prompt_logprobs), then the generated ones, the stop token
 included: lm-eval's local-completions reads a likelihood as the entries between the context and the last one.
 
-Imports: herd's errors, the engine's prompt scorer, and this folder's choices, state and schemas.
+Imports: herd's errors, the engine's prompt scorer, and this folder's choices, grammar (structured output), state and
+schemas.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import uuid
 from herd.engine.embeddings import prompt_logprobs
 from herd.errors import HerdError
 from herd.server.choices import Choices, collect, event_stream, sampling, usage
+from herd.server.grammar import request_grammar
 from herd.server.schemas import APIError, CompletionRequest, parse_body
 from herd.server.state import ServerState
 
@@ -115,10 +117,13 @@ async def completion(state: ServerState, request):
         return {**base, "usage": usage(n_prompt, 0), "choices": [
             {"index": c, "text": texts_in[c // n], "finish_reason": "length", "logprobs": echoed[c // n]}
             for c in range(total)]}
+    grammar = await asyncio.get_running_loop().run_in_executor(
+        None, request_grammar, req, state.llm.tokenizer, state.llm.config.vocab_size, state.llm.stop_ids)
     choices = Choices(state)
     for j, ids in enumerate(prompts):
         for i in range(n):
-            choices.submit(j * n + i, ids, sampling(req, limits[j], req.logprobs, i), req)
+            choices.submit(j * n + i, ids, sampling(req, limits[j], req.logprobs, i), req,
+                           grammar.constraint() if grammar is not None else None)
     state.metrics.prompt_tokens.inc(n_prompt)
 
     if req.stream:

@@ -113,6 +113,12 @@ class _Sampling(_Strict):
     min_p: Number = Field(default=0.0, ge=0, le=1)
     repetition_penalty: Number = Field(default=1.0, gt=0, le=10)
     ignore_eos: StrictBool = False
+    # structured output (herd/server/grammar.py): OpenAI's response_format, and herd's grammar (GBNF or Lark),
+    # regex and choice (one of some strings); at most one of them
+    response_format: ResponseFormat | None = None
+    grammar: StrictStr | None = Field(default=None, min_length=1)
+    regex: StrictStr | None = Field(default=None, min_length=1)
+    choice: list[StrictStr] | None = Field(default=None, min_length=1)
     # accepted and ignored
     user: StrictStr | None = None
     metadata: dict[str, Any] | None = None
@@ -147,7 +153,6 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
     parallel_tool_calls: StrictBool | None = None
-    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _check_chat(self):
