@@ -182,9 +182,31 @@ def quality_table(q: dict, shortfalls: list[str], png: Path, path: Path) -> list
             vals[key].append(e.get("kld_mean", 0))
     _bar_chart(png, names, vals, "mean KLD vs the f32 reference (lower is better)")
     out += ["", f"From `{_rel(path)}` (`{q['command']}`){' **BUSY**' if q['busy'] else ''}; reference: the default "
-                f"model's Q4_1 weights dequantized to f32; herd/data/sample.txt, ctx 512, {q['chunks']} chunks.",
+                f"model's Q4_1 weights dequantized to f32; herd/data/sample.txt, ctx 512, {q['chunks']} chunks; both "
+                f"tools score the same tokens (herd `--llama-windows`: the second half of each window).",
             f"![quality]({_rel(png)})", ""]
-    return out
+    return out + kv_table(q)
+
+
+def kv_table(q: dict) -> list[str]:
+    """The cost of a smaller KV cache (`--kv-type`, llama.cpp's -ctk/-ctv), both against the f32-KV reference."""
+    rows = []
+    for fmt, r in q["formats"].items():
+        for kv in ("f32", "f16", "q8_0"):
+            h = r.get("herd int16 act") if kv == "f32" else r.get(f"herd int16 act, {kv} KV")
+            lc = r.get(f"llama.cpp {kv} KV vs f32-KV base") or (r.get("llama.cpp f32 KV") if kv == "f32" else None)
+            if not h or (kv != "f32" and "kld_mean" not in h):
+                continue
+            k = lambda e: f"{e['kld_mean']:.3g} ± {e['kld_err']:.2g}" if e and "kld_mean" in e else "-"  # noqa: E731
+            mem = {"f32": "1", "f16": "0.5", "q8_0": "0.27"}[kv]
+            rows.append(f"| {fmt} | {kv} | {mem} | {k(h)} | {k(lc)} |")
+    if not any("| f16 |" in x or "| q8_0 |" in x for x in rows):
+        return []
+    return ["### KV cache types: what a smaller cache costs", "",
+            "| format | KV cache | memory vs f32 | herd KLD | llama.cpp KLD |", "|---|---|---:|---:|---:|", *rows, "",
+            "herd `--kv-type f16|q8_0` against llama.cpp `-ctk/-ctv` of the same type; each tool's KLD against its own "
+            "run of the f32 reference with an f32 KV cache (herd's int16 activations; llama.cpp's f32 row: its "
+            "`-ctk f32` run where measured).", ""]
 
 
 def _bar_chart(path: Path, names, series: dict, title: str) -> None:

@@ -97,7 +97,6 @@ def test_malformed_bodies_get_a_400_that_says_why(server, body, needle):
     ({"model": "test-model", "prompt": [1, "a"]}, "prompt"),
     ({"model": "test-model", "prompt": [10 ** 9]}, "vocabulary"),
     ({"model": "test-model", "prompt": "x", "suffix": "y"}, "suffix"),
-    ({"model": "test-model", "prompt": "x", "logprobs": 2, "echo": True}, "echo"),
     ({"model": "test-model", "prompt": "x", "best_of": 3}, "best_of"),
 ])
 def test_bad_completion_requests(server, body, needle):

@@ -18,10 +18,12 @@ schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in th
 from schemathesis import GenerationMode  # noqa: E402
 
 ROUTES = {("GET", "/health"), ("GET", "/v1/health"), ("GET", "/metrics"), ("GET", "/v1/models"),
-          ("GET", "/v1/models/{name}"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")}
+          ("GET", "/v1/models/{name}"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+          ("POST", "/v1/embeddings"), ("POST", "/v1/rerank"), ("GET", "/v1/adapters"), ("POST", "/v1/adapters"),
+          ("DELETE", "/v1/adapters/{name}")}
 # examples per (route kind, mode): the POST routes hold the logic and get most
-EXAMPLES = {("POST", GenerationMode.POSITIVE): 160, ("POST", GenerationMode.NEGATIVE): 90,
-            ("GET", GenerationMode.POSITIVE): 40}
+EXAMPLES = {("POST", GenerationMode.POSITIVE): 80, ("POST", GenerationMode.NEGATIVE): 40,
+            ("GET", GenerationMode.POSITIVE): 20, ("DELETE", GenerationMode.POSITIVE): 20}
 TIMEOUT_S = 60
 
 

@@ -47,7 +47,7 @@ STATIC_TYPES = {".js": "text/javascript", ".svg": "image/svg+xml", ".css": "text
                 ".png": "image/png", ".ico": "image/x-icon"}
 HEALTH_PATHS = ("/health", "/v1/health")  # public: without the key they answer the status alone
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/health",
-          "/openapi.json", "/v1/adapters")
+          "/openapi.json", "/v1/adapters", "/v1/embeddings", "/v1/rerank")
 
 
 def error_response(err: APIError) -> JSONResponse:
