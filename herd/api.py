@@ -46,6 +46,7 @@ class LLM:
         self.source = source
         self.checkpoint = checkpoint
         self.kv_type = "f32"  # the KV cache's storage for generation here and in an engine: f32, f16 or q8_0
+        self.speculation = None  # a herd.engine.speculate.Speculation (see speculation()): draft-and-verify decoding
 
     # -- prompts -----------------------------------------------------------------------------------------
     @property
@@ -85,18 +86,19 @@ class LLM:
     def generate_batch(self, prompts: Sequence, *, raw: bool = False, tools=None, **sampling) -> list[Completion]:
         ids = [self.encode_prompt(p, raw, tools) for p in prompts]
         return generate_batch(self.model, ids, SamplingParams(**sampling), self.tokenizer, self.stop_ids,
-                              kv_type=self.kv_type)
+                              kv_type=self.kv_type, speculation=self.speculation)
 
     def stream(self, prompt, *, raw: bool = False, tools=None, **sampling) -> Iterator[str]:
         """Text pieces as they are generated; never splits a multi-byte character."""
         run = BatchRun(self.model, [self.encode_prompt(prompt, raw, tools)], SamplingParams(**sampling),
-                       self.tokenizer, self.stop_ids, kv_type=self.kv_type)
+                       self.tokenizer, self.stop_ids, kv_type=self.kv_type, speculation=self.speculation)
         for delta in run:
             if delta.text:
                 yield delta.text
 
     def run(self, prompts_ids: Sequence[Sequence[int]], params) -> BatchRun:
-        return BatchRun(self.model, prompts_ids, params, self.tokenizer, self.stop_ids, kv_type=self.kv_type)
+        return BatchRun(self.model, prompts_ids, params, self.tokenizer, self.stop_ids, kv_type=self.kv_type,
+                        speculation=self.speculation)
 
     def step(self):
         """The model object an engine drives for this LLM (a fresh one where it keeps per-row state)."""
@@ -161,6 +163,59 @@ class LLM:
 
 # The query-likelihood prompt of LLM.rerank (UPR's, Sachan et al. 2022)
 RERANK_PROMPT = "Passage: {document}\nPlease write a question based on this passage.\nQuestion:"
+
+
+def speculation(llm: LLM, method: str, draft_model: str | None = None, draft_tokens: int = 4):
+    """A Speculation for llm's model (herd/engine/speculate.py): method "ngram" (prompt lookup) or "draft" with
+    draft_model = a checkpoint or catalog name sharing the vocabulary, or "prune:N" (the target's first N // 2 and
+    last N - N // 2 blocks, sharing its weights). On the native quantized path the verifying rows run through the
+    kernels' one-row path, so greedy output equals plain decoding's bit for bit."""
+    from herd.engine.speculate import Speculation, prune_layers
+
+    draft = None
+    if method == "draft":
+        if not draft_model:
+            raise GenerationError("--speculate draft needs --draft-model (a checkpoint, or prune:N for the target's "
+                                  "first and last layers)")
+        if draft_model.startswith("prune:"):
+            try:
+                n = int(draft_model[len("prune:"):])
+            except ValueError:
+                raise GenerationError(f"--draft-model {draft_model!r}: prune:N takes a layer count") from None
+            draft = prune_layers(llm.model, n)
+        else:
+            draft = load(draft_model).model
+    elif draft_model:
+        raise GenerationError(f"--draft-model {draft_model!r} needs --speculate draft")
+    spec = Speculation(method, int(draft_tokens), draft, exact_rows=_one_row_kernels(llm.model))
+    spec.check_target(llm.model)
+    return spec
+
+
+def _one_row_kernels(model):
+    """For a model on the native decode step: a context under which herd's kernels give every activation row the
+    bits a one-row call gives (the integer-mode GEMM kernel, taken from 2 rows on, sums in another order), so that
+    verification rows equal plain decode steps. None for other models."""
+    from contextlib import contextmanager
+
+    from herd.quant.decode import NativeDecodeStep
+
+    if not isinstance(getattr(model, "decode_step", None), NativeDecodeStep):
+        return None
+
+    @contextmanager
+    def one_row():
+        from herd.quant import native
+
+        lib = native.load()
+        old = lib.herd_q_set_gemm_min_rows(1 << 30) if lib is not None else None
+        try:
+            yield
+        finally:
+            if old is not None:
+                lib.herd_q_set_gemm_min_rows(old)
+
+    return one_row
 
 
 def drop_tokenizer_arrays(metadata: dict) -> dict:

@@ -110,7 +110,22 @@ def _load_llm(args):
         from herd.formats.peft import apply_adapter
 
         apply_adapter(llm.model, adapter)
+    if getattr(args, "speculate", None):
+        from herd.api import speculation
+
+        llm.speculation = speculation(llm, args.speculate, args.draft_model, args.draft_tokens)
+    elif getattr(args, "draft_model", None):
+        raise GenerationError(f"--draft-model {args.draft_model!r} needs --speculate draft")
     return llm
+
+
+def _add_speculation(p) -> None:
+    p.add_argument("--speculate", default=None, choices=("ngram", "draft"), help="speculative decoding: guess tokens "
+                   "by prompt lookup (ngram) or with --draft-model, verify them in one target step (same output)")
+    p.add_argument("--draft-model", default=None, metavar="M", help="draft checkpoint sharing the vocabulary, or "
+                   "prune:N (the target's first and last layers, N in all)")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens guessed per step, at most "
+                   "(adaptive: fewer while guesses fail; default 4)")
 
 
 def _check_images(args) -> None:
@@ -286,7 +301,8 @@ def cmd_serve(args):
           kv_tokens=args.kv_tokens, max_queue=args.max_queue, page_size=args.page_size,
           prefill_chunk=args.prefill_chunk, prefix_cache=not args.no_prefix_cache, dtype=args.dtype,
           served_model_name=args.served_model_name, chat_template=args.chat_template, log_level=args.log_level,
-          vision=args.vision, adapters=args.adapter, drain_timeout=args.drain_timeout, **load_options(args))
+          vision=args.vision, adapters=args.adapter, drain_timeout=args.drain_timeout, speculate=args.speculate,
+          draft_model=args.draft_model, draft_tokens=args.draft_tokens, **load_options(args))
 
 
 def _add_serve(sub) -> None:
@@ -312,6 +328,7 @@ def _add_serve(sub) -> None:
                    "folder) served beside the base model, picked by a request's `model` (repeatable; NAME defaults "
                    "to the folder's name; more at run time with POST /v1/adapters)")
     _add_threads(p)
+    _add_speculation(p)
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM/SIGINT, seconds to let requests in "
                    "flight finish (new ones get 503) before exiting")
@@ -331,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_template(p)
     _add_images(p)
     _add_sampling(p)
+    _add_speculation(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat (one answer when stdin is not a terminal)")
@@ -339,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_template(p)
     _add_images(p)
     _add_sampling(p)
+    _add_speculation(p)
     p.set_defaults(func=cmd_chat, max_tokens=512)
 
     p = sub.add_parser("tokenize", help="text -> token ids")

@@ -7,7 +7,8 @@ once. Text is streamed as complete UTF-8 characters only, with stop strings held
 Floor: the engine drives models (floor 3) and imports nothing from quant/, formats/ or above. A model may carry a
 `decode_step` (the native C step that quant/ attaches from outside); `decode()` calls it and falls back to the
 model's own forward when it answers None, so every engine -- BatchRun here, the scheduler's Engine -- takes the
-fastest path the model offers without knowing what it is.
+fastest path the model offers without knowing what it is. With a Speculation (speculation=), the decode loop is
+speculate.batch_decode's: guessed tokens verified as extra one-token rows of the same call.
 """
 
 from __future__ import annotations
@@ -161,12 +162,15 @@ class BatchRun:
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  tokenizer=None, stop_ids: frozenset[int] = frozenset(), prefill_chunk: int = PREFILL_CHUNK,
-                 images: Sequence | None = None, kv_type: str | None = None):
+                 images: Sequence | None = None, kv_type: str | None = None, speculation=None):
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise GenerationError(f"{len(prompts)} prompts but {len(params)} sampling settings")
         self.model = model
+        self.speculation = speculation  # herd.engine.speculate.Speculation: draft and verify (None: plain steps)
+        if speculation is not None:
+            speculation.check_target(model)
         self.kv_type = kv_type_of(kv_type)  # the KV cache's storage: f32, f16 or q8_0 (herd/models/kv_cache.py)
         # images: one entry per prompt (None for a text prompt), bound to its cache row before its prefill by a
         # model that takes them (herd/engine/vision_step.py); some take a prompt with images in one pass only
@@ -221,6 +225,11 @@ class BatchRun:
                     logits = prefill(model, ids, pos, cache, torch.tensor([r], device=device),
                                      self.prefill_chunk)[0, -1]
                 yield s.add(pick_token(logits, s.p, s.generator, s.prompt), logits)
+            if self.speculation is not None:
+                from herd.engine.speculate import batch_decode
+
+                yield from batch_decode(model, self.speculation, live, cache, row, max_len)
+                return
             while True:
                 live = [s for s in live if s.finish is None]
                 if not live:
@@ -239,9 +248,11 @@ class BatchRun:
 
 
 def generate_batch(model, prompts, params, tokenizer=None, stop_ids=frozenset(),
-                   prefill_chunk: int = PREFILL_CHUNK, kv_type: str | None = None) -> list[Completion]:
+                   prefill_chunk: int = PREFILL_CHUNK, kv_type: str | None = None,
+                   speculation=None) -> list[Completion]:
     """Generate for every prompt to the end; one Completion per prompt."""
-    run = BatchRun(model, prompts, params, tokenizer, stop_ids, prefill_chunk, kv_type=kv_type)
+    run = BatchRun(model, prompts, params, tokenizer, stop_ids, prefill_chunk, kv_type=kv_type,
+                   speculation=speculation)
     for _ in run:
         pass
     return run.completions()

@@ -33,6 +33,10 @@ row at every admission (model.bind, herd/engine/vision_step.py), prefills such a
 it, and shares prefix pages only over the text before the first image (model.prefix_key). Otherwise an image
 request is a request like any other: paged, batched, preempted, cancelled and counted the same way.
 
+Speculation (speculation=, herd/engine/speculate.py): a request's guessed tokens join the decode call as extra
+one-token rows in its own page-table row at the next positions, so they are padded and batch-invariant like any row
+and greedy output is plain output; the kept prefix's keys stay, the rest are overwritten later.
+
 Floor: engine/ (imports herd.models' contracts through the model it is handed, herd.ops and herd.errors; the paging
 itself is paging.py's).
 """
@@ -53,6 +57,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from herd.engine.generate import Completion, Delta, _Seq, decode
 from herd.engine.paging import PagedKVCache, PagePool, attention_granule, round_up, row_granule
+from herd.engine.speculate import DraftRunner, SeqState, accept
 from herd.errors import GenerationError
 from herd.ops.sampling import SamplingParams, apply_presence_frequency_penalty, pick_token
 
@@ -93,6 +98,7 @@ class Request:
     arrival: float = 0.0
     first_token_at: float | None = None
     prefix_hit: int = 0  # prompt tokens found in the prefix cache
+    spec: SeqState | None = None  # its speculation state (engine speculating, request eligible), reset per admission
 
     @property
     def finished(self) -> bool:
@@ -138,7 +144,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, stop_ids: frozenset[int] = frozenset(), *, max_batch: int | None = None,
                  ctx: int | None = None, kv_tokens: int | None = None, page_size: int = 16, max_queue: int = 64,
                  prefill_chunk: int = 256, prefix_cache: bool = True, granule: int | None = None,
-                 kv_granule: int | None = None, kv_type: str | None = None):
+                 kv_granule: int | None = None, kv_type: str | None = None, speculation=None):
         cfg = model.config
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, frozenset(stop_ids)
         self.ctx = min(ctx or cfg.max_seq_len, cfg.max_seq_len)
@@ -188,6 +194,17 @@ class Engine:
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "preempted": 0, "rejected": 0,
                       "prompt_tokens": 0, "prefix_hit_tokens": 0, "prefill_tokens": 0, "decode_tokens": 0,
                       "steps": 0, "errors": 0, "prefill_chunks": 0}
+        # speculative decoding (herd/engine/speculate.py): a request's guesses are verified as one-token rows of
+        # the decode call in its own page-table row, padded like any rows, so greedy output is plain output. A draft
+        # model keeps its keys in pools of its own addressed by the SAME page table (its pages are the request's).
+        self.spec, self.draft = speculation, None
+        if speculation is not None:
+            speculation.check_target(model)
+            if speculation.draft_model is not None:
+                dc = PagedKVCache(speculation.draft_model.config, n_pages, page_size, max_batch + 1, pages_per_row,
+                                  dtype, self.device)
+                dc.table = self.cache.table
+                self.draft = DraftRunner(speculation.draft_model, cache=dc)
 
     # -- public, thread-safe -------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[object], None] | None = None,
@@ -272,7 +289,11 @@ class Engine:
 
     def snapshot(self) -> dict:
         """Counters and gauges for /metrics and /health."""
-        return dict(self.stats, waiting=self.queue_depth(), running=len(self.running),
+        sp = self.spec.stats if self.spec is not None else {}
+        spec = {"spec_rounds": sp.get("rounds", 0), "spec_drafted_tokens": sp.get("drafted", 0),
+                "spec_accepted_tokens": sp.get("accepted", 0), "spec_proposed_at": list(sp.get("proposed_at", [])),
+                "spec_accepted_at": list(sp.get("accepted_at", []))}
+        return dict(self.stats, **spec, waiting=self.queue_depth(), running=len(self.running),
                     pages_used=self.pool.used(), pages_total=self.pool.n_pages - 1, page_size=self.page_size,
                     cached_pages=len(self.pool.lru), kv_bytes=self.cache.nbytes())
 
@@ -355,6 +376,10 @@ class Engine:
                 req.prefix_hit = n
                 self.stats["prompt_tokens"] += len(req.prompt)
                 self.stats["prefix_hit_tokens"] += n
+            # speculation for requests whose next token pick_token alone decides (no OpenAI penalties, biases or
+            # constraint); fresh at each admission: a draft model's keys went with the released pages
+            plain = req.constraint is None and not (req.presence_penalty or req.frequency_penalty or req.logit_bias)
+            req.spec = SeqState(self.spec, req.prompt + req.seq.out) if self.spec is not None and plain else None
             req.state = PREFILL
             self.running.append(req)
 
@@ -494,23 +519,74 @@ class Engine:
         # padding rows (scratch row, null pages) bring the row count to a multiple of the row granule and the key
         # length to one of the kv granule; a decode step that keeps rows batch-invariant itself (the native one over
         # this paged cache) needs none
-        pos = [len(r.cached) for r in live]
+        drafts = self._drafts(live) if self.spec is not None else {}
+        feeds = [[r.seq.out[-1]] + drafts.get(r.id, ([], None))[0] for r in live]
+        pos = [len(r.cached) + i for r, f in zip(live, feeds) for i in range(len(f))]
+        n_rows = len(pos)
         end = max(pos) + 1
-        pad, target = -len(live) % self.granule, round_up(end, self.kv_granule)
+        pad, target = -n_rows % self.granule, round_up(end, self.kv_granule)
         if target > end and pad == 0:
             pad = self.granule
         invariant = getattr(getattr(self.model, "decode_step", None), "batch_invariant", None)
         if pad and invariant is not None and invariant(self.model, self.cache):
             pad = 0
-        tokens = [r.seq.out[-1] for r in live] + [0] * pad
+        tokens = [t for f in feeds for t in f] + [0] * pad
         pos += [target - 1] * pad
-        rows = [r.row for r in live] + [self.scratch_row] * pad
+        rows = [r.row for r, f in zip(live, feeds) for _ in f] + [self.scratch_row] * pad
         t = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
         p = torch.tensor(pos, device=self.device)[:, None]
         with sdpa_kernel(SDPBackend.MATH):
             logits = decode(self.model, t, p, self.cache, torch.tensor(rows, device=self.device))[:, -1]  # (B, V)
         self.stats["decode_tokens"] += len(live)
-        for req, tok, lg in zip(live, tokens, logits):
-            req.cached.append(tok)
-            if req.state == DECODE:
-                self._pick(req, lg)
+        at = 0
+        for req, feed in zip(live, feeds):
+            lg, at = logits[at:at + len(feed)], at + len(feed)
+            if req.spec is None:
+                req.cached.append(feed[0])
+                if req.state == DECODE:
+                    self._pick(req, lg[0])
+            elif req.state == DECODE:
+                self._accept(req, feed, lg, drafts.get(req.id, ([], None))[1])
+
+    def _drafts(self, live: list[Request]) -> dict[int, tuple[list[int], list]]:
+        """Each speculating request's guesses (and the draft model's probabilities, when sampled), at most as many
+        as its pages can hold without taking new ones from others (speculation never preempts)."""
+        out, asks = {}, []
+        for req in live:
+            st = req.spec
+            if st is None:
+                continue
+            k = st.budget(self.spec, req.seq.max_new - len(req.seq.out) - 1)
+            if k:
+                self._grow(req, len(req.cached) + 1 + k)  # best effort: a short pool just means fewer guesses
+                k = min(k, len(req.pages) * self.page_size - len(req.cached) - 1)
+            if k <= 0:
+                continue
+            if st.index is not None:
+                out[req.id] = (st.index.propose(k), None)
+            else:
+                item = [req.row, st, k, req.seq.prompt + req.seq.out, req.seq.p, req.seq.generator, [], [], req]
+                asks.append(item)
+        if asks:
+            with sdpa_kernel(SDPBackend.MATH):
+                self.draft.propose(asks)
+            for it in asks:
+                out[it[8].id] = (it[6], it[7])
+        return out
+
+    def _accept(self, req: Request, feed: list[int], logits: torch.Tensor, qs) -> None:
+        """Keep req's verified guesses and the target's next token (herd/engine/speculate.py's rule); stream them."""
+        seq, drafts = req.seq, feed[1:]
+        hist = seq.prompt + seq.out
+        out = accept(logits, drafts, torch.stack(qs) if qs else None, seq.p, seq.generator, hist)
+        req.cached.extend(feed[:len(out)])  # the last token and the kept guesses: their keys are the right ones
+        self.spec.record(len(drafts), len(out) - 1, len(out))
+        st, done = req.spec, []
+        for j, tok in enumerate(out):
+            done.append(tok)
+            self._emit(req, seq.add(tok, logits[j]))
+            if req.state != DECODE:
+                break
+        st.update(self.spec, len(drafts), len(out) - 1, done)
+        if self.draft is not None and drafts:
+            st.fed = min(st.fed, len(hist) + len(out) - 1)

@@ -34,7 +34,8 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
           served_model_name: str | None = None, chat_template: str | None = None, log_level: str = "warning",
           max_connections: int = 1024, vision: str | None = None, keep_quantized: bool | None = None,
           drain_timeout: float = 30.0,
-          quantization: str | None = None, kv_type: str | None = None, adapters: list[str] | None = None) -> None:
+          quantization: str | None = None, kv_type: str | None = None, speculate: str | None = None,
+          draft_model: str | None = None, draft_tokens: int = 4, adapters: list[str] | None = None) -> None:
     """Load a model and serve it over HTTP until interrupted. vision: a `herd train-vision` folder that answers
     requests with images (default: the one trained for this model, when there is one). On SIGTERM or SIGINT it
     drains: new requests get 503 and it exits once those in flight are answered (at most drain_timeout s)."""
@@ -53,6 +54,11 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
     if ctx is not None and not 2 <= ctx <= llm.config.max_seq_len:
         raise ConfigError(f"--ctx {ctx}: must be between 2 and the model's context, {llm.config.max_seq_len}")
     name = served_model_name or model_name_for(model)
+    spec = None
+    if speculate or draft_model:  # speculative decoding in the engine (herd/engine/speculate.py)
+        from herd.api import speculation
+
+        spec = speculation(llm, speculate, draft_model, draft_tokens)
     image_model = None
     if not getattr(llm, "accepts_images", False):
         from herd.api import ImageChat
@@ -71,7 +77,8 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
     app = create_app(llm, model_name=name, api_key=api_key, aliases=aliases, vision=image_model, adapters=adapters,
                      max_batch=max_batch,
                      ctx=ctx, kv_tokens=kv_tokens, max_queue=max_queue, page_size=page_size,
-                     prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
+                     prefill_chunk=prefill_chunk, prefix_cache=prefix_cache,
+                     **({"speculation": spec} if spec is not None else {}))
     engine = app.state.engine
     loopback = host in ("127.0.0.1", "localhost", "::1")
     print(f"herd: serving {name} at http://{host}:{port} (batch {engine.max_batch}, context {engine.ctx}, "

@@ -31,6 +31,10 @@ ENGINE_METRICS = (
     ("herd_preemptions_total", "counter", "Requests preempted to free KV memory.", "preempted"),
     ("herd_rejected_requests_total", "counter", "Requests refused with 429 (queue full).", "rejected"),
     ("herd_cancelled_requests_total", "counter", "Requests cancelled (client gone).", "cancelled"),
+    ("herd_spec_draft_tokens_total", "counter", "Speculative decoding: tokens guessed and verified.",
+     "spec_drafted_tokens"),
+    ("herd_spec_accepted_tokens_total", "counter", "Speculative decoding: guessed tokens kept.",
+     "spec_accepted_tokens"),
 )
 
 
@@ -44,7 +48,16 @@ class _EngineCollector:
         snap = self.snapshot()
         for name, kind, help, key in ENGINE_METRICS:
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            yield family(name, help, value=snap[key])
+            yield family(name, help, value=snap.get(key, 0))
+        # per draft position j (0 = the first guess of a step): guesses verified there, and kept there
+        for name, help, key in (("herd_spec_proposed_by_position_total", "Speculative guesses verified, by draft "
+                                 "position.", "spec_proposed_at"),
+                                ("herd_spec_accepted_by_position_total", "Speculative guesses kept, by draft "
+                                 "position.", "spec_accepted_at")):
+            family = CounterMetricFamily(name, help, labels=["position"])
+            for j, value in enumerate(snap.get(key, [])):
+                family.add_metric([str(j)], value)
+            yield family
 
 
 class _Registry(CollectorRegistry):

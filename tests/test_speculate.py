@@ -1,0 +1,223 @@
+"""Speculative decoding (herd/engine/speculate.py): greedy output equal to plain decoding on the default model (n-gram
+and a pruned draft, 50 prompts), sampled output distributed as the target's (chi-square on a tiny 8-token model),
+the continuous-batching Engine, the CLI flags and the errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from herd.config import ModelConfig
+from herd.engine.generate import generate_batch
+from herd.engine.speculate import NgramIndex, Speculation, accept, prune_layers
+from herd.errors import ConfigError, GenerationError
+from herd.models.llama import build_model
+from herd.ops.sampling import SamplingParams
+
+WORDS = ["cat", "river", "engine", "garden", "paper", "signal", "winter", "market", "silver", "forest"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: on a 2-core machine shared with other jobs a small op spends most of its time in OpenMP
+    hand-offs (15x here for the tiny models, several x for the default model's decode steps)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def llm(smollm_gguf):
+    import herd
+
+    return herd.load(smollm_gguf)
+
+
+def _prompts(llm, n: int = 50) -> list[list[int]]:
+    """Chat prompts of several kinds: copy tasks (n-gram friendly), lists, questions."""
+    out = []
+    for i in range(n):
+        a, b, c = WORDS[i % 10], WORDS[(3 * i + 1) % 10], WORDS[(7 * i + 2) % 10]
+        kind = i % 3
+        if kind == 0:
+            text = f"Repeat exactly: the {a} and the {b} met the {c}. The {a} and the {b} met the {c}."
+        elif kind == 1:
+            text = f"List three facts about a {a}, a {b} and a {c}."
+        else:
+            text = f"Why would a {a} need a {b}? Answer in one sentence about the {c}."
+        out.append(llm.encode_prompt(text))
+    return out
+
+
+def test_greedy_equals_plain_decoding_on_the_default_model(llm):
+    """50 prompts, each decoded plainly ALONE (batch 1, the native one-row step) and then all together with
+    speculation: n-gram drafts and a pruned draft (first 2 and last 2 of 30 layers) give the same tokens."""
+    from herd.api import speculation
+
+    prompts = _prompts(llm)
+    params = SamplingParams(max_tokens=12)
+    plain = [generate_batch(llm.model, [p], params, stop_ids=llm.stop_ids)[0].output_ids for p in prompts]
+    for method, draft in (("ngram", None), ("draft", "prune:4")):
+        spec = speculation(llm, method, draft, 4)
+        got = [c.output_ids for c in generate_batch(llm.model, prompts, params, stop_ids=llm.stop_ids,
+                                                      speculation=spec)]
+        diff = [i for i in range(len(prompts)) if got[i] != plain[i]]
+        assert not diff, f"{method}: prompts {diff} differ from plain decoding"
+        assert spec.stats["drafted"] > 0
+        if method == "ngram":  # the copy prompts are there to be guessed
+            assert spec.stats["accepted"] > 20, spec.stats
+
+
+def test_engine_greedy_equals_plain_engine(llm):
+    """Inside the continuous-batching Engine (paged cache, native step): speculative greedy = plain greedy."""
+    from herd.api import speculation
+    from herd.engine.scheduler import Engine
+
+    prompts = _prompts(llm, 6)
+    params = SamplingParams(max_tokens=12)
+    plain = Engine(llm.model, None, llm.stop_ids, max_batch=4, ctx=256).generate(prompts, params)
+    for method, draft in (("ngram", None), ("draft", "prune:4")):
+        spec = speculation(llm, method, draft, 3)
+        eng = Engine(llm.model, None, llm.stop_ids, max_batch=4, ctx=256, speculation=spec)
+        got = eng.generate(prompts, params)
+        assert [c.output_ids for c in got] == [c.output_ids for c in plain], method
+        snap = eng.snapshot()
+        assert snap["spec_drafted_tokens"] > 0 and len(snap["spec_accepted_at"]) == 3
+        if method == "ngram":
+            assert snap["spec_accepted_tokens"] > 0
+            from herd.server.metrics import Metrics
+
+            text = Metrics(eng.snapshot).render().decode()
+            kept = snap["spec_accepted_at"][0]
+            assert f'herd_spec_accepted_by_position_total{{position="0"}} {float(kept)}' in text
+            assert f"herd_spec_accepted_tokens_total {float(snap['spec_accepted_tokens'])}" in text
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+V = 8
+
+
+def _tiny(seed: int, scale: float) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V, ffn_dim=64, max_seq_len=64)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.output.weight.mul_(scale)  # a spread-out distribution: every cell of the test is visited
+    return model
+
+
+@torch.inference_mode()
+def _exact_joint(model, prompt: list[int], p: SamplingParams) -> torch.Tensor:
+    """P(t1, t2, t3) (V, V, V) of the target's sampler after prompt, by enumeration."""
+    from herd.engine.speculate import target_scores
+
+    seqs = torch.tensor([prompt + list(c) for c in itertools.product(range(V), repeat=3)])
+    logits = model(seqs)[:, len(prompt) - 1:]  # (V^3, 3, V): the rows that predict t1, t2, t3
+    joint = torch.ones(len(seqs), dtype=torch.float64)
+    for j in range(3):
+        for i, row in enumerate(logits[:, j]):
+            probs = torch.softmax(target_scores(row, p, seqs[i, :len(prompt) + j].tolist()), -1)
+            joint[i] *= float(probs[seqs[i, len(prompt) + j]])
+    return joint.reshape(V, V, V)
+
+
+def _chi2_pvalue(obs: torch.Tensor, expected: torch.Tensor, keep: torch.Tensor) -> float:
+    """Chi-square p of counts obs against probabilities expected (both (V, V)); cells outside keep pooled."""
+    o, e = obs.flatten().double(), expected.flatten().double()
+    if (~keep).any():
+        o, e = torch.cat([o[keep], o[~keep].sum()[None]]), torch.cat([e[keep], e[~keep].sum()[None]])
+    if float(e[-1]) == 0.0:  # only impossible cells left over: any count there is an error, none is no evidence
+        assert float(o[-1]) == 0.0, f"{int(o[-1])} samples in cells of probability 0"
+        o, e = o[:-1], e[:-1]
+    return float(chisquare(o.numpy(), (e / e.sum() * o.sum()).numpy()).pvalue)
+
+
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+def test_sampled_output_is_distributed_as_the_target(method):
+    """2500 sampled continuations of 3 tokens, each drawn with 2-token speculation (every guess verified, adaptive K
+    off): the counts of (t2, t3) -- the tokens the rejection rule decides -- fit the target's exact distribution
+    (chi-square), and do not fit what keeping every guess would give."""
+    target, draft = _tiny(0, 0.3), _tiny(1, 0.3)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2] if method == "ngram" else [5, 1, 4]
+    p = SamplingParams(max_tokens=3, temperature=0.9, top_k=7, repetition_penalty=1.2, ignore_eos=True)
+    n = 2500
+    params = [SamplingParams(**{**p.__dict__, "seed": i}) for i in range(n)]
+    spec = Speculation(method, 2, draft if method == "draft" else None, ngram_max=2, adaptive=False)
+    got = generate_batch(target, [prompt] * n, params, speculation=spec)
+    assert spec.stats["rounds"] > n // 3 and 0 < spec.stats["accepted"] < spec.stats["drafted"]
+    counts = torch.zeros(V, V)
+    for c in got:
+        counts[c.output_ids[1], c.output_ids[2]] += 1
+    expected = _exact_joint(target, prompt, p).sum(0)  # (t2, t3)
+    keep = expected.flatten() * n >= 5  # chi-square's rule of thumb; the rest pooled into one cell
+    pvalue = _chi2_pvalue(counts, expected, keep)
+    assert pvalue > 1e-3, f"{method}: chi-square p = {pvalue:.2e}"
+    if method == "draft":  # the test has power: the guesses' own distribution is rejected outright
+        assert _chi2_pvalue(counts, _exact_joint(draft, prompt, p).sum(0), keep) < 1e-6
+
+
+def test_accept_rule_on_a_known_case():
+    """One verification by hand: p = (0.5, 0.5, 0), q one-hot on token 2 -> the guess is always rejected and the
+    replacement drawn from p; q = p -> always kept."""
+    logits = torch.log(torch.tensor([[0.5, 0.5, 1e-30], [0.2, 0.3, 0.5]]))
+    p = SamplingParams(temperature=1.0)
+    g = torch.Generator().manual_seed(0)
+    firsts = [accept(logits, [2], None, p, g, [])[0] for _ in range(400)]
+    assert 2 not in firsts and 150 < firsts.count(0) < 250
+    q = torch.tensor([[0.5, 0.5, 0.0]])
+    kept = [accept(logits, [1], q, p, g, []) for _ in range(100)]
+    assert all(len(k) == 2 and k[0] == 1 for k in kept)
+
+
+def test_ngram_index_finds_the_latest_longest_match():
+    idx = NgramIndex(1, 3)
+    idx.extend([7, 1, 2, 3, 9, 1, 2, 3, 4, 5, 1, 2])
+    assert idx.propose(3) == [3, 4, 5]  # "1 2" last seen before the suffix at 5..7, followed by 3 4 5
+    idx.extend([8])
+    assert idx.propose(2) == []  # 8 never occurred before
+
+
+def test_prune_layers_shares_weights_and_runs():
+    model = _tiny(0, 1.0)
+    d = prune_layers(model, [1])
+    assert d.config.n_layers == 1 and d.layers[0].attention.layer == 0
+    assert d.layers[0].attention.wq.weight is model.layers[1].attention.wq.weight
+    assert model.layers[1].attention.layer == 1 and len(model.layers) == 2  # the target is untouched
+    torch.testing.assert_close(d(torch.tensor([[1, 2]])).shape, torch.Size([1, 2, V]))
+
+
+def test_errors_name_what_is_wrong():
+    model = _tiny(0, 1.0)
+    other = build_model(ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=V + 1, ffn_dim=64))
+    with pytest.raises(ConfigError, match="vocabulary has 9 tokens, the target's 8"):
+        generate_batch(model, [[1]], SamplingParams(max_tokens=2), speculation=Speculation("draft", 2, other))
+    with pytest.raises(ConfigError, match="unknown speculation method 'tree'"):
+        Speculation("tree")
+    with pytest.raises(ConfigError, match="draft tokens must be an integer in 1..32"):
+        Speculation("ngram", 0)
+    with pytest.raises(ConfigError, match="needs a draft model"):
+        Speculation("draft", 2)
+    with pytest.raises(ConfigError, match="keeps 1..2 of the target's layers, not 5"):
+        prune_layers(model, 5)
+
+
+def test_cli_flags(llm, smollm_gguf, capsys):
+    """herd generate --speculate ngram prints what plain generation prints; a draft without --draft-model is a
+    one-line error."""
+    from herd.cli import main
+
+    args = ["generate", "-m", str(smollm_gguf), "--max-tokens", "10", "-p", "Repeat: one two three, one two three."]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--speculate", "ngram", "--draft-tokens", "3"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main(args + ["--speculate", "draft"]) == 2
+    assert "--draft-model" in capsys.readouterr().err
+    from herd.api import speculation
+
+    with pytest.raises(GenerationError, match="needs --speculate draft"):
+        speculation(llm, "ngram", "prune:4")
