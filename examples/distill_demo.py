@@ -6,7 +6,10 @@ steps, learning rate and data order: once distilled from the default model ((1-A
 cross entropy alone. On the held-out last 10% of the corpus it reports the mean KL(teacher || student) per token and
 the top-1 agreement with the teacher, before and after: the distilled student must end closer on both.
 
-    python examples/distill_demo.py            # or: make distill-demo  (a few minutes on 2 cores)
+    python examples/distill_demo.py            # or: make distill-demo  (a few minutes on 2 idle cores)
+
+Measured (8 steps of 4 x 64 tokens, 2 threads, a shared machine at load ~15-20: 26 minutes): held-out KL 16.66 and
+top-1 0.0% before; distilled 5.01 and 10.5%; CE only 5.30 and 9.2%.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/distill-demo")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--layers", type=int, default=8, help="student layers (of the teacher's 30)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
