@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 TESTS = Path(__file__).resolve().parent
 
 SUITE = {
@@ -71,9 +69,8 @@ def summary(out: str) -> dict[str, int]:
     return {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", last)}
 
 
-@pytest.mark.parametrize("value", [None, "0"])
-def test_without_the_switch_skips_stay_skips(tmp_path, value):
-    p = run_suite(tmp_path, value)
+def test_without_the_switch_skips_stay_skips(tmp_path):
+    p = run_suite(tmp_path, None)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert summary(p.stdout) == {"passed": 1, "skipped": 5, "xfailed": 1}, p.stdout[-3000:]
 
