@@ -251,17 +251,20 @@ NUMBER_STEP = 0.000001
 MAX_STRING = 128
 
 
-def bounded(schema: Any) -> Any:
-    """A copy of a JSON schema with the bounds above added where it has none."""
+def bounded(schema: Any, *, close: bool = False) -> Any:
+    """A copy of a JSON schema with the bounds above added where it has none; close: objects that list properties
+    take no others unless they say so (a function's arguments: extra keys mean nothing to it)."""
     if isinstance(schema, list):
-        return [bounded(s) for s in schema]
+        return [bounded(s, close=close) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: bounded(v) if k in ("items", "anyOf", "oneOf", "allOf", "additionalProperties", "not") else v
-           for k, v in schema.items()}
+    out = {k: bounded(v, close=close) if k in ("items", "anyOf", "oneOf", "allOf", "additionalProperties", "not")
+           else v for k, v in schema.items()}
     for key in ("properties", "$defs", "definitions", "patternProperties"):
         if isinstance(schema.get(key), dict):
-            out[key] = {k: bounded(v) for k, v in schema[key].items()}
+            out[key] = {k: bounded(v, close=close) for k, v in schema[key].items()}
+    if close and "properties" in schema and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
     if "enum" in schema or "const" in schema:
         return out
     types = schema.get("type")

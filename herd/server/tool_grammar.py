@@ -6,9 +6,10 @@ Three formats, chosen by the chat format:
   format of Meta's llama3_1 prompt docs, the tag marking a call;
 * Llama 4 (and 3.2's pythonic style): a Python list of keyword calls, `[f(x=1), g(s="a")]`, several at once;
 * a Jinja chat template: `{"name": "f", "arguments": {...}}` (the shape such templates render calls in).
-Arguments follow each function's `parameters` schema: as compact-ish JSON through llguidance's JSON Schema compiler,
-or, for Python calls, as Python literals typed by each property's schema (strings, numbers, True/False/None,
-lists; other values any literal). tool_choice "required" allows only calls, a named function only that one; "auto"
+Arguments follow each function's `parameters` schema: as JSON through llguidance's JSON Schema compiler (objects
+that list their properties take no others, and values are bounded as grammar.bounded says), or, for Python calls, as
+Python literals typed by each property's schema (strings, numbers, True/False/None, lists; other values any
+literal), the listed keywords only. tool_choice "required" allows only calls, a named function only that one; "auto"
 also allows plain text, which then may not start the way a call does (so a half call cannot be read as text).
 
 Imports: herd.chat_format's classes (to tell the format), and this folder's grammar and schemas.
@@ -104,7 +105,7 @@ def _json_call(kind: str, name: str, params: dict, strict: bool, rule: str) -> l
     opts = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": not strict}
     head = json.dumps('{"name": ' + json.dumps(name) + f', "{key}": ')
     return [f"{rule}: {head} {rule}_args \"}}\"",
-            f"{rule}_args: %json " + json.dumps({**bounded(params), "x-guidance": opts})]
+            f"{rule}_args: %json " + json.dumps({**bounded(params, close=True), "x-guidance": opts})]
 
 
 def _py_value(schema: Any, rule: str, out: list[str]) -> str:
