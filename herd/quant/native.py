@@ -37,7 +37,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("herd_quant.c", "herd_decode.c")
 HEADERS = ("herd_quant.h", "hq_formats.h")
 PACKAGE_DIR = Path(__file__).resolve().parent / "_native"
-ABI_VERSION = 3  # must equal HQ_ABI_VERSION in herd_quant.c
+ABI_VERSION = 4  # must equal HQ_ABI_VERSION in herd_quant.c
 
 BASE_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno", "-Wall"]
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
@@ -192,6 +192,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "herd_q_dequantize_rows": ([P, I, I64, P, I64, P, I], I),
         "herd_q_quantize_act": ([P, I64, I64, P, P, I, I], I),
         "herd_llama_decode": ([P, P, I64, P, P, I], I),
+        "herd_kv_encode": ([P, I64, I64, I, P], I),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
