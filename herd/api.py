@@ -168,8 +168,9 @@ RERANK_PROMPT = "Passage: {document}\nPlease write a question based on this pass
 def speculation(llm: LLM, method: str, draft_model: str | None = None, draft_tokens: int = 4):
     """A Speculation for llm's model (herd/engine/speculate.py): method "ngram" (prompt lookup) or "draft" with
     draft_model = a checkpoint or catalog name sharing the vocabulary, or "prune:N" (the target's first N // 2 and
-    last N - N // 2 blocks, sharing its weights). On the native quantized path the verifying rows run through the
-    kernels' one-row path, so greedy output equals plain decoding's bit for bit."""
+    last N - N // 2 blocks, sharing its weights). On the native quantized path a single sequence's verifying rows
+    run through the kernels' one-row path, so its greedy output equals plain decoding's bit for bit (the Engine's
+    padded rows agree without it); `spec.exact_rows = None` trades that for the multi-row kernel's speed."""
     from herd.engine.speculate import Speculation, prune_layers
 
     draft = None

@@ -14,14 +14,20 @@ verification rows carry the one-token step's bits. They do by construction: the 
 decode step, not a multi-token forward. BatchRun's plain step runs one row through the native kernels' one-row path,
 so its verification runs every row through that path too (`Speculation.exact_rows`, attached by herd.api); the
 Engine's native step pads every call to its kernels' row granule, plain or verifying, so its rows agree anyway.
+With several sequences BatchRun's plain output already depends on the batch (one live row takes the one-row path,
+two or more the multi-row GEMM, whose rows are batch-invariant), so speculation there keeps the GEMM's speed and
+bits: its greedy tokens equal plain batched decoding's up to near-ties of the two paths' rounding (top-two logits
+within ~3e-3 on the default model). The one-row path costs ~0.35 of a step per extra row on the default model
+(the GEMM ~0.1): `exact_rows=None` trades the batch-1 bit-identity for that speed.
 Sampling: the standard rule (Leviathan et al. 2023; Chen et al. 2023): keep d_j with probability min(1, p(d_j) /
 q(d_j)), else draw from norm(max(0, p - q)) and stop; all kept: one more token from p. p is the target's
 distribution after temperature / top-k / top-p / min-p / repetition penalty, q the drafter's (one-hot for prompt
 lookup), so every token is distributed exactly as the target's sampler draws it.
 
-Adaptive K: a sequence whose guesses keep failing drafts fewer tokens (K halves on a round with nothing kept, grows
-by one when all are kept) and, at K = 1 with nothing kept, stops drafting for 1, 2, 4, ... 64 steps (plain steps
-meanwhile), so a drafter that never agrees costs about one 2-row verification per 64 tokens.
+Adaptive K: a sequence starts at K = 2 guesses per step, one more after each step whose guesses were all kept (up to
+the configured K). A step that keeps nothing drops it to K = 1 and stops drafting for 1, 2, 4, ... 64 steps (plain
+steps meanwhile; a draft model catches up on the skipped tokens in one forward when drafting resumes), so a drafter
+that never agrees costs about one 2-row verification per 64 tokens once the backoff has grown.
 
 Floor: engine/ (the models it is handed, herd.ops, herd.errors; never herd.quant: the exact-rows switch comes in
 from herd.api like the decode step itself).
@@ -179,7 +185,7 @@ class SeqState:
     """One sequence's speculation state: its drafter's view and the adaptive draft length."""
 
     def __init__(self, spec: Speculation, history: list[int]):
-        self.k = spec.k
+        self.k = min(2, spec.k)
         self.skip = 0  # plain steps left before drafting again
         self.backoff = 0
         self.index = NgramIndex(spec.ngram_min, spec.ngram_max) if spec.method == "ngram" else None
@@ -201,11 +207,9 @@ class SeqState:
             return
         if accepted == drafted:
             self.k, self.backoff = min(spec.k, self.k + 1), 0
-        elif accepted == 0:
-            if self.k == 1:  # nothing kept at the smallest K: rest, longer each time
-                self.backoff = min(MAX_BACKOFF, max(1, 2 * self.backoff))
-                self.skip = self.backoff
-            self.k = max(1, self.k // 2)
+        elif accepted == 0:  # nothing kept: one guess at a time, after a rest that doubles each time
+            self.backoff = min(MAX_BACKOFF, max(1, 2 * self.backoff))
+            self.skip, self.k = self.backoff, 1
         else:
             self.backoff = 0
 
@@ -287,25 +291,25 @@ class DraftRunner:
         self.cache = cache if cache is not None else KVCache(draft.config, batch=rows, max_len=max_len, dtype=dtype,
                                                              device=self.device)
 
-    def prefill(self, row: int, prompt: list[int]) -> int:
-        from herd.engine.generate import prefill
-
-        ids = torch.tensor([prompt], device=self.device)
-        prefill(self.model, ids, torch.arange(len(prompt), device=self.device), self.cache.rows(row))
-        return len(prompt)
-
     def _step(self, feeds: list[tuple[int, int, list[int]]]) -> list[torch.Tensor]:
-        """feeds: (cache row, first position, tokens) -> each feed's logits (V,) after its last token."""
-        from herd.engine.generate import decode
+        """feeds: (cache row, first position, tokens) -> each feed's logits (V,) after its last token. One-token
+        feeds go together through the decode step; a longer one (catching up) through the model's forward with
+        last_only, so no output projection is spent on tokens whose guesses nobody reads."""
+        from herd.engine.generate import decode, prefill
 
-        toks = [t for _, _, ts in feeds for t in ts]
-        pos = [a + i for _, a, ts in feeds for i in range(len(ts))]
-        rows = [r for r, _, ts in feeds for _ in ts]
-        d = self.device
-        logits = decode(self.model, torch.tensor(toks, device=d)[:, None], torch.tensor(pos, device=d)[:, None],
-                        self.cache, torch.tensor(rows, device=d))[:, -1]
-        ends = list(torch.tensor([len(ts) for _, _, ts in feeds]).cumsum(0) - 1)
-        return [logits[int(e)] for e in ends]
+        d, out = self.device, [None] * len(feeds)
+        singles = [i for i, f in enumerate(feeds) if len(f[2]) == 1]
+        if singles:
+            logits = decode(self.model, torch.tensor([feeds[i][2] for i in singles], device=d),
+                            torch.tensor([[feeds[i][1]] for i in singles], device=d), self.cache,
+                            torch.tensor([feeds[i][0] for i in singles], device=d))[:, -1]
+            for j, i in enumerate(singles):
+                out[i] = logits[j]
+        for i, (row, start, toks) in enumerate(feeds):
+            if out[i] is None:
+                out[i] = prefill(self.model, torch.tensor([toks], device=d), torch.arange(start, start + len(toks),
+                                 device=d), self.cache, torch.tensor([row], device=d))[0, -1]
+        return out
 
     def propose(self, items: list) -> None:
         """items: [row, state, k, history, params, generator, drafts (filled), qs (filled), ...] with k >= 1; history
@@ -343,12 +347,8 @@ def batch_decode(model, spec: Speculation, live: list, cache, row: dict, max_len
     spec.check_target(model)
     device = cache.k[0].device
     states = {id(s): SeqState(spec, s.prompt + s.out) for s in live}
-    runner = None
-    if spec.method == "draft":
-        runner = DraftRunner(spec.draft_model, cache.batch, max_len + spec.k + 1)
-        with torch.inference_mode():
-            for s in live:
-                states[id(s)].fed = runner.prefill(row[id(s)], s.prompt)
+    # a draft model starts with nothing cached: its first proposal feeds it the prompt (prefill's slices)
+    runner = DraftRunner(spec.draft_model, cache.batch, max_len + spec.k + 1) if spec.method == "draft" else None
     while True:
         live = [s for s in live if s.finish is None]
         if not live:
@@ -372,7 +372,8 @@ def batch_decode(model, spec: Speculation, live: list, cache, row: dict, max_len
                 tokens += feed
                 pos += range(len(hist) - 1, len(hist) - 1 + len(feed))
                 rows += [r] * len(feed)
-            with exact(spec):
+            # one sequence: the rows carry the one-row step's bits (plain batch-1 output); several: the GEMM's
+            with exact(spec) if len(live) == 1 else contextlib.nullcontext():
                 logits = decode(model, torch.tensor(tokens, device=device)[:, None],
                                 torch.tensor(pos, device=device)[:, None], cache,
                                 torch.tensor(rows, device=device))[:, -1]  # (N, V)
