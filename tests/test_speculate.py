@@ -221,3 +221,26 @@ def test_cli_flags(llm, smollm_gguf, capsys):
 
     with pytest.raises(GenerationError, match="needs --speculate draft"):
         speculation(llm, "ngram", "prune:4")
+
+
+def test_served_answers_equal_and_metrics(llm):
+    """The server's wiring (create_app -> Engine(speculation=)): a greedy /v1/completions answer equals the plain
+    server's, and /metrics reports the guesses per draft position."""
+    from fastapi.testclient import TestClient
+
+    from herd.api import speculation
+    from herd.server.app import create_app
+
+    body = {"model": "smol", "prompt": "one two three four, one two three four, one two three",
+            "max_tokens": 12, "temperature": 0}
+    answers = []
+    for spec in (None, speculation(llm, "ngram", None, 4)):
+        extra = {"speculation": spec} if spec is not None else {}
+        with TestClient(create_app(llm, model_name="smol", max_batch=4, **extra)) as c:
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            answers.append(r.json()["choices"][0]["text"])
+            metrics = c.get("/metrics").text
+    assert answers[0] == answers[1]
+    assert 'herd_spec_proposed_by_position_total{position="0"}' in metrics
+    assert spec.stats["accepted"] > 0
