@@ -175,3 +175,40 @@ def test_strict_tool_outside_the_subset_is_a_400(served):
                                                   "tool_choice": "required", "max_tokens": 8})
     assert r.status_code == 400 and "'maxLength'" in r.json()["error"]["message"], r.text
     assert r.json()["error"]["param"] == "tools.0.function.parameters"
+
+
+# A ChatML template showing <tool_call> blocks when tools are offered (the Hermes/Qwen style many templates use).
+TAGGED_TEMPLATE = """{%- if tools %}<|im_start|>system
+You call functions: {% for t in tools %}{{ t.function.name }} {% endfor %}<|im_end|>
+<|im_start|>user
+What is the weather in Rome?<|im_end|>
+<|im_start|>assistant
+<tool_call>{"name": "get_weather", "arguments": {"city": "Rome", "days": 1}}</tool_call><|im_end|>
+{% endif %}
+{%- for m in messages %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_tagged_calls_of_a_jinja_template_on_the_default_model(smollm_gguf):
+    """A template that shows <tool_call> blocks gets calls in them: the default model's greedy `auto` answer to a
+    weather question is a call, `required` makes one even for a joke request (2 sampled rows, several calls
+    allowed, each parsed)."""
+    import herd
+    from fastapi.testclient import TestClient
+
+    from herd.server.app import create_app
+    from herd.server.tool_grammar import TAGGED, tool_format
+
+    llm = herd.load(smollm_gguf, chat_template=TAGGED_TEMPLATE)
+    assert tool_format(llm.chat_format) == TAGGED
+    with TestClient(create_app(llm, model_name="tiny", max_batch=4)) as c:
+        r = ask(c, tool_choice="auto", temperature=0, max_tokens=60)
+        check_calls(r["choices"][0], {"get_weather"})
+        assert json.loads(r["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])["city"] == "Paris"
+        joke = [{"role": "user", "content": "Tell me a joke."}]
+        r = ask(c, messages=joke, tool_choice="required", n=2, seed=4, max_tokens=120)
+        for ch in r["choices"]:
+            check_calls(ch, {"get_weather", "search"})

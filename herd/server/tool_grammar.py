@@ -5,7 +5,8 @@ Three formats, chosen by the chat format:
 * Llama 3.x (Meta's format): `<|python_tag|>{"name": "f", "parameters": {...}}` then <|eom_id|>: the JSON tool
   format of Meta's llama3_1 prompt docs, the tag marking a call;
 * Llama 4 (and 3.2's pythonic style): a Python list of keyword calls, `[f(x=1), g(s="a")]`, several at once;
-* a Jinja chat template: `{"name": "f", "arguments": {...}}` (the shape such templates render calls in).
+* a Jinja chat template: `{"name": "f", "arguments": {...}}` (the shape such templates render calls in), wrapped
+  in `<tool_call>...</tool_call>` blocks (one or more) when the template shows that tag with tools offered.
 Arguments follow each function's `parameters` schema: as JSON through llguidance's JSON Schema compiler (objects
 that list their properties take no others, and values are bounded as grammar.bounded says), or, for Python calls, as
 Python literals typed by each property's schema (strings, numbers, True/False/None, lists; other values any
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +29,8 @@ from herd.chat_format import Llama3ChatFormat, Llama4ChatFormat
 from herd.server.grammar import Grammar, StrictSchemaError, bounded, check_strict, compile_grammar
 from herd.server.schemas import APIError
 
-LLAMA3_JSON, PYTHONIC, JSON = "llama3-json", "pythonic", "json"
+LLAMA3_JSON, PYTHONIC, JSON, TAGGED = "llama3-json", "pythonic", "json", "tagged-json"
+TAG_OPEN, TAG_CLOSE = "<tool_call>", "</tool_call>"
 
 # Python literal terminals (strings use JSON's escapes that Python reads the same way), bounded as grammar.bounded
 # bounds JSON values: at most MAX_STRING characters, 15 integer digits, 6 decimals
@@ -46,7 +49,12 @@ def tool_format(fmt) -> str:
         return PYTHONIC
     if isinstance(fmt, Llama3ChatFormat):
         return LLAMA3_JSON
-    return JSON
+    probe = [{"type": "function", "function": {"name": "probe", "parameters": {"type": "object", "properties": {}}}}]
+    try:
+        shown = fmt.render([{"role": "user", "content": "hi"}], tools=probe)
+    except Exception:  # a template that cannot render tools: its calls are plain JSON, if any
+        return JSON
+    return TAGGED if TAG_OPEN in shown else JSON
 
 
 @dataclass
@@ -81,10 +89,19 @@ def parse_calls(kind: str, text: str) -> list[tuple[str, Any]]:
         body = body.removeprefix("<|python_tag|>")
         for stop in ("<|eom_id|>", "<|eot_id|>"):
             body = body.removesuffix(stop)
-    if not body.startswith("{"):
-        return []
-    obj = json.loads(body)
-    return [(obj["name"], obj.get("parameters", obj.get("arguments", {})))]
+    if kind == TAGGED:
+        if not body.startswith(TAG_OPEN):
+            return []
+        blocks = re.findall(re.escape(TAG_OPEN) + r"\s*(.*?)\s*" + re.escape(TAG_CLOSE), body, flags=re.S)
+    else:
+        if not body.startswith("{"):
+            return []
+        blocks = [body]
+    calls = []
+    for block in blocks:
+        obj = json.loads(block)
+        calls.append((obj["name"], obj.get("parameters", obj.get("arguments", {}))))
+    return calls
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -173,6 +190,13 @@ def _py_call(name: str, params: dict, rule: str, where: str) -> list[str]:
     return out
 
 
+def _literal(tokenizer, text: str) -> str:
+    """A Lark item for `text`: its special token where the vocabulary has one (as some models' <tool_call>), else
+    the string."""
+    i = tokenizer.special_tokens.get(text)
+    return f"<[{i}]>" if i is not None else json.dumps(text)
+
+
 def tool_grammar(llm, tools: list[dict], choice) -> ToolGrammar:
     """The grammar for a request's tools and tool_choice ("auto", "required" or {"function": {"name"}})."""
     fmt = llm.chat_format
@@ -197,6 +221,10 @@ def tool_grammar(llm, tools: list[dict], choice) -> ToolGrammar:
     elif kind == LLAMA3_JSON:
         calls = "calls: <|python_tag|> call"
         text = r"TEXT: /[^{][\s\S]*/"
+    elif kind == TAGGED:
+        block = f'{_literal(llm.tokenizer, TAG_OPEN)} "\\n"? call "\\n"? {_literal(llm.tokenizer, TAG_CLOSE)}'
+        calls = f'calls: {block} ("\\n"? {block})*' if named is None else f"calls: {block}"
+        text = r"TEXT: /[^{<][\s\S]*/"
     else:
         calls = "calls: call"
         text = r"TEXT: /[^{][\s\S]*/"
