@@ -137,18 +137,24 @@ def _chi2_pvalue(obs: torch.Tensor, expected: torch.Tensor, keep: torch.Tensor) 
     return float(chisquare(o.numpy(), (e / e.sum() * o.sum()).numpy()).pvalue)
 
 
-@pytest.mark.parametrize("method", ["draft", "ngram"])
+@pytest.mark.parametrize("method", ["draft", "ngram", "engine-draft"])
 def test_sampled_output_is_distributed_as_the_target(method):
-    """2500 sampled continuations of 3 tokens, each drawn with 2-token speculation (every guess verified, adaptive K
-    off): the counts of (t2, t3) -- the tokens the rejection rule decides -- fit the target's exact distribution
-    (chi-square), and do not fit what keeping every guess would give."""
+    """2500 sampled continuations (1 token from the prefill, then 2-token speculation: every guess verified, adaptive
+    K off), in BatchRun or in the Engine: the counts of (t2, t3) -- the tokens the rejection rule decides -- fit the
+    target's exact distribution (chi-square), and do not fit what keeping every guess would give."""
+    from herd.engine.scheduler import Engine
+
     target, draft = _tiny(0, 0.3), _tiny(1, 0.3)
     prompt = [1, 2, 3, 1, 2, 3, 1, 2] if method == "ngram" else [5, 1, 4]
-    p = SamplingParams(max_tokens=3, temperature=0.9, top_k=7, repetition_penalty=1.2, ignore_eos=True)
+    p = SamplingParams(max_tokens=4, temperature=0.9, top_k=7, repetition_penalty=1.2, ignore_eos=True)
     n = 2500
     params = [SamplingParams(**{**p.__dict__, "seed": i}) for i in range(n)]
-    spec = Speculation(method, 2, draft if method == "draft" else None, ngram_max=2, adaptive=False)
-    got = generate_batch(target, [prompt] * n, params, speculation=spec)
+    spec = Speculation(method.removeprefix("engine-"), 2, None if method == "ngram" else draft, ngram_max=2,
+                       adaptive=False)
+    if method.startswith("engine"):
+        got = Engine(target, max_batch=64, ctx=32, max_queue=n, speculation=spec).generate([prompt] * n, params)
+    else:
+        got = generate_batch(target, [prompt] * n, params, speculation=spec)
     assert spec.stats["rounds"] > n // 3 and 0 < spec.stats["accepted"] < spec.stats["drafted"]
     counts = torch.zeros(V, V)
     for c in got:
@@ -157,7 +163,7 @@ def test_sampled_output_is_distributed_as_the_target(method):
     keep = expected.flatten() * n >= 5  # chi-square's rule of thumb; the rest pooled into one cell
     pvalue = _chi2_pvalue(counts, expected, keep)
     assert pvalue > 1e-3, f"{method}: chi-square p = {pvalue:.2e}"
-    if method == "draft":  # the test has power: the guesses' own distribution is rejected outright
+    if method != "ngram":  # the test has power: the guesses' own distribution is rejected outright
         assert _chi2_pvalue(counts, _exact_joint(draft, prompt, p).sum(0), keep) < 1e-6
 
 
