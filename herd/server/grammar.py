@@ -7,12 +7,13 @@ writes the allowed tokens as a bitmask (V/32 int32 words), which is unpacked to 
 on a copy (the engine's own row stays raw, so logprobs are the model's). A stop token is allowed exactly when
 the grammar accepts; once nothing can follow, only stops are.
 
-Why llguidance rather than xgrammar (both measured on this 2-core machine at load ~19, the default model's
-49,152-token vocabulary; benchmarks/bench_grammar.py --engines repeats it): installed 7.6 MB with no
-dependencies, where xgrammar 0.2.9 declares torch, transformers and triton (pip pulls triton) and needs
-apache-tvm-ffi (3.9 + 13 MB); a JSON schema compiles in ~1-14 ms (lazily) against ~23-54 ms; masks take a
-median of 15-17 us per token against 9 us, both far under a decode step; and llguidance reads Lark and regex
-natively and GBNF through its own converter, where xgrammar has no Lark.
+Why llguidance rather than xgrammar (both measured on this 2-core machine at load 7-19, the default model's
+49,152-token vocabulary; benchmarks/bench_grammar.py --engines repeats it): installed 7.5 MB with no
+dependencies, where xgrammar 0.2.9 (+ apache-tvm-ffi, 15 MB) declares torch, transformers and triton (pip pulls
+triton); a JSON schema compiles in ~7-14 ms against ~19-54 ms; and llguidance reads Lark and regex natively and GBNF
+through its own converter, where xgrammar has no Lark. xgrammar's masks are faster (median 6-9 us per token against
+31-72 us) and its set-up too (~0.1 s against ~0.3-1 s, paid once per vocabulary); both masks are far under a decode step (~30-100 ms here), and the grammar's share of batch-8 decode
+time measured 3.8%.
 
 Compact JSON: schemas compile with no whitespace between tokens (`,` and `:` separators), so an answer spends
 its tokens on content. With `strict: true` a schema must lie in OpenAI's strict subset (check_strict), else the
@@ -57,22 +58,16 @@ class _Vocab:
 
 
 def ll_tokenizer(tokenizer, vocab_size: int, stop_ids: Sequence[int]):
-    """llguidance's view of a herd tokenizer, built once per (tokenizer, vocabulary, stops), and its first token mask
-    computed here: that one takes seconds (~1 s to build and ~5.6 s for the first mask over 49k tokens at load ~8
-    on 2 cores; later masks ~50 us), and must not stall the engine's batch. Callers run this off the event loop."""
+    """llguidance's view of a herd tokenizer, built once per (tokenizer, vocabulary, stops): ~0.3-1 s for 49k
+    tokens, so callers run this off the event loop."""
     import llguidance
-    from llguidance.torch import fill_next_token_bitmask
 
     key = (vocab_size, tuple(sorted(stop_ids)))
     with _lock:
         per = _tokenizers.setdefault(tokenizer, {})
         if key not in per:
             wrapper = llguidance.TokenizerWrapper(_Vocab(tokenizer, vocab_size))
-            tok = llguidance.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=list(key[1]) or None)
-            warm = llguidance.LLMatcher(tok, json_grammar({"type": "object", "properties": {"a": {"type": "string"}}}),
-                                        log_level=0)
-            fill_next_token_bitmask(warm, torch.zeros((1, (vocab_size + 31) // 32), dtype=torch.int32), 0)
-            per[key] = tok
+            per[key] = llguidance.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=list(key[1]) or None)
         return per[key]
 
 
@@ -102,23 +97,21 @@ class GrammarConstraint:
         self.matcher = llguidance.LLMatcher(grammar.tokenizer, grammar.text, log_level=0)
         if self.matcher.is_error():
             raise APIError(400, f"grammar: {self.matcher.get_error()}")
-        self.bits = torch.zeros((1, (grammar.vocab_size + 31) // 32), dtype=torch.int32)  # (1, ceil(V/32))
+        self.bits = np.zeros((grammar.vocab_size + 31) // 32, dtype=np.int32)  # (ceil(V/32),)
 
     def allowed(self) -> torch.Tensor:
         """(V,) bool: the tokens the grammar takes next (stops only when it accepts, or when it broke)."""
         return torch.from_numpy(self._allowed())
 
     def _allowed(self) -> np.ndarray:
-        from llguidance.torch import fill_next_token_bitmask
-
         m = self.matcher
         if m.is_error():
             ok = np.zeros(self.grammar.vocab_size, dtype=np.bool_)
         else:
-            fill_next_token_bitmask(m, self.bits, 0)
+            # the matcher writes into our buffer (llguidance.torch's helper would import torch.compile: seconds)
+            m.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
             # bit j of word w is token 32*w + j (little-endian within each int32)
-            ok = np.unpackbits(self.bits.numpy().view(np.uint8), bitorder="little")[: self.grammar.vocab_size] \
-                .view(np.bool_)
+            ok = np.unpackbits(self.bits.view(np.uint8), bitorder="little")[: self.grammar.vocab_size].view(np.bool_)
         if m.is_error() or m.is_accepting() or m.is_stopped():
             ok[list(self.grammar.stop_ids)] = True  # every stop of the chat format, not just the tokenizer's EOS
         return ok
