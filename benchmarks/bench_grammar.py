@@ -9,8 +9,9 @@ last row's end (prefill included, the same prompts for both). Overhead = constra
 at batch 8). The machine's load average is recorded beside the figures: on a shared machine they are indicative.
 
 --engines: per-token mask time (median/mean/max over a ~40-token compact JSON answer), schema compile time,
-one-off set-up per vocabulary (llguidance: its LLTokenizer; xgrammar: its TokenizerInfo), installed size and the grammar formats each engine reads; xgrammar is measured only if it is
-installed (pip install --no-deps xgrammar apache-tvm-ffi: its declared dependencies pull triton).
+one-off set-up per vocabulary (llguidance: its LLTokenizer; xgrammar: its TokenizerInfo), installed size and the
+grammar formats each engine reads; xgrammar is measured only if it is installed (pip install --no-deps xgrammar
+apache-tvm-ffi: its declared dependencies pull triton).
 
     python benchmarks/bench_grammar.py [--batches 1,8] [--max-tokens 64] [--rounds 1] [--engines] [--out DIR]
 """

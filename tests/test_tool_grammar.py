@@ -101,6 +101,10 @@ def test_required_and_named_tool_choice_always_call(served):
         check_calls(ch, {"search"})
         if family == "llama3":  # one JSON call per message in Llama 3.1's format
             assert len(ch["message"]["tool_calls"]) == 1
+    r = ask(client, tool_choice="required", n=4, seed=13, parallel_tool_calls=False)
+    for ch in r["choices"]:
+        check_calls(ch, {"get_weather", "search"})
+        assert len(ch["message"]["tool_calls"]) == 1
 
 
 def test_auto_text_never_holds_a_call_and_streaming_equals_whole(served):

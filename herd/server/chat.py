@@ -85,7 +85,7 @@ async def _choices(state: ServerState, req, messages: list[dict], with_images: b
         if grammar is not None:
             raise APIError(400, "tools cannot be combined with response_format, grammar, regex or choice yet; "
                                 "set tool_choice to \"none\" for structured text", param="tools")
-        calls = await run(None, tool_grammar, llm, tools, choice)
+        calls = await run(None, lambda: tool_grammar(llm, tools, choice, parallel=req.parallel_tool_calls is not False))
         grammar = calls.grammar
     max_new = state.length_check(len(prompt), req.token_limit(), "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None

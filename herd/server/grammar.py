@@ -12,8 +12,8 @@ Why llguidance rather than xgrammar (both measured on this 2-core machine at loa
 dependencies, where xgrammar 0.2.9 (+ apache-tvm-ffi, 15 MB) declares torch, transformers and triton (pip pulls
 triton); a JSON schema compiles in ~7-14 ms against ~19-54 ms; and llguidance reads Lark and regex natively and GBNF
 through its own converter, where xgrammar has no Lark. xgrammar's masks are faster (median 6-9 us per token against
-31-72 us) and its set-up too (~0.1 s against ~0.3-1 s, paid once per vocabulary); both masks are far under a decode step (~30-100 ms here), and the grammar's share of batch-8 decode
-time measured 3.8%.
+31-72 us) and its set-up too (~0.1 s against ~0.3-1 s, paid once per vocabulary); both masks are far under a
+decode step (~30-100 ms here), and the grammar's share of batch-8 decode time measured ~4%.
 
 Compact JSON: schemas compile with no whitespace between tokens (`,` and `:` separators), so an answer spends
 its tokens on content. With `strict: true` a schema must lie in OpenAI's strict subset (check_strict), else the

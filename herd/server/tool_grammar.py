@@ -197,8 +197,9 @@ def _literal(tokenizer, text: str) -> str:
     return f"<[{i}]>" if i is not None else json.dumps(text)
 
 
-def tool_grammar(llm, tools: list[dict], choice) -> ToolGrammar:
-    """The grammar for a request's tools and tool_choice ("auto", "required" or {"function": {"name"}})."""
+def tool_grammar(llm, tools: list[dict], choice, *, parallel: bool = True) -> ToolGrammar:
+    """The grammar for a request's tools and tool_choice ("auto", "required" or {"function": {"name"}}); parallel:
+    whether a reply may hold several calls (where the format can: pythonic lists and <tool_call> blocks)."""
     fmt = llm.chat_format
     kind = tool_format(fmt)
     named = None if isinstance(choice, str) else choice.function.name
@@ -216,14 +217,14 @@ def tool_grammar(llm, tools: list[dict], choice) -> ToolGrammar:
         names.append(fn["name"])
     call = "call: " + " | ".join(f"call{j}" for j in range(len(names)))
     if kind == PYTHONIC:
-        calls = 'calls: "[" call (", " call)* "]"' if named is None else 'calls: "[" call "]"'
+        calls = 'calls: "[" call (", " call)* "]"' if parallel and named is None else 'calls: "[" call "]"'
         text = r"TEXT: /[^\[][\s\S]*/"
     elif kind == LLAMA3_JSON:
         calls = "calls: <|python_tag|> call"
         text = r"TEXT: /[^{][\s\S]*/"
     elif kind == TAGGED:
         block = f'{_literal(llm.tokenizer, TAG_OPEN)} "\\n"? call "\\n"? {_literal(llm.tokenizer, TAG_CLOSE)}'
-        calls = f'calls: {block} ("\\n"? {block})*' if named is None else f"calls: {block}"
+        calls = f'calls: {block} ("\\n"? {block})*' if parallel and named is None else f"calls: {block}"
         text = r"TEXT: /[^{<][\s\S]*/"
     else:
         calls = "calls: call"
