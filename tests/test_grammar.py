@@ -312,3 +312,51 @@ def test_regex_mask_equals_partial_matching_over_the_vocabulary(llm):
         g.advance(ids[0])
         out += step
     assert set(torch.nonzero(g.allowed()).flatten().tolist()) == set(stops)  # "abc-42" is whole: only a stop
+
+
+# ------------------------------------------------------------------------------------------------- garbage in
+def test_any_grammar_or_schema_is_compiled_or_refused_with_a_400(llm):
+    """Random grammars, regexes, choices, response-format schemas (strict or not) and tool parameter schemas either
+    compile to a working mask or are an APIError (400): nothing else escapes to become a 500."""
+    import types as _types
+
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    from herd.server.grammar import request_grammar
+    from herd.server.schemas import APIError, ResponseFormat
+    from herd.server.tool_grammar import tool_grammar
+
+    tok, V, stops = llm.tokenizer, llm.config.vocab_size, llm.stop_ids
+    keys = st.sampled_from(["type", "properties", "items", "enum", "required", "additionalProperties", "anyOf",
+                            "$ref", "pattern", "minimum", "format", "maxLength", "const", "$defs"])
+    values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                          lambda c: st.lists(c, max_size=3) | st.dictionaries(keys, c, max_size=4), max_leaves=10)
+
+    def survives(make) -> None:
+        try:
+            g = make()
+            if g is not None:
+                (g.grammar if hasattr(g, "grammar") else g).constraint().mask(torch.zeros(V))
+        except APIError as e:
+            assert e.status == 400
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(st.text(max_size=30), st.text(max_size=20), st.lists(st.text(max_size=6), min_size=1, max_size=3),
+           values, st.booleans())
+    def check(grammar, regex, choice, schema, strict):
+        def req(**kw):
+            r = _types.SimpleNamespace(response_format=None, grammar=None, regex=None, choice=None)
+            r.__dict__.update(kw)
+            return lambda: request_grammar(r, tok, V, stops)
+
+        survives(req(grammar=grammar or " "))
+        survives(req(regex=regex or "("))
+        survives(req(choice=choice))
+        survives(req(response_format=ResponseFormat(type="json_schema", json_schema={
+            "name": "x", "schema": schema, "strict": strict})))
+        tools = [{"type": "function", "function": {"name": "f", "parameters": schema, "strict": strict}}]
+        survives(lambda: tool_grammar(llm, tools, "required"))
+
+    check()

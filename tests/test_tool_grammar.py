@@ -216,3 +216,30 @@ def test_tagged_calls_of_a_jinja_template_on_the_default_model(smollm_gguf):
         r = ask(c, messages=joke, tool_choice="required", n=2, seed=4, max_tokens=120)
         for ch in r["choices"]:
             check_calls(ch, {"get_weather", "search"})
+
+
+def test_any_parameters_schema_is_compiled_or_refused_with_a_400(served):
+    """Random `parameters` schemas in this family's format either give a working mask or an APIError (400)."""
+    import torch
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    from herd.server.schemas import APIError
+    from herd.server.tool_grammar import tool_grammar
+
+    family, llm, client = served
+    keys = st.sampled_from(["type", "properties", "items", "enum", "required", "const", "a", "b c"])
+    values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                          lambda c: st.lists(c, max_size=3) | st.dictionaries(keys, c, max_size=4), max_leaves=10)
+
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(values, st.sampled_from(["auto", "required"]))
+    def check(params, choice):
+        tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
+        try:
+            tool_grammar(llm, tools, choice).grammar.constraint().mask(torch.zeros(llm.config.vocab_size))
+        except APIError as e:
+            assert e.status == 400
+
+    check()

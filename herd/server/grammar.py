@@ -304,7 +304,11 @@ def lark_grammar(source: str) -> str:
     from llguidance import LLMatcher
     from llguidance.gbnf_to_lark import any_to_lark
 
-    return LLMatcher.grammar_from_lark(any_to_lark(source))
+    try:
+        lark = any_to_lark(source)
+    except Exception as e:  # the GBNF translator raises plain Exceptions too (e.g. "No 'root' rule found")
+        raise ValueError(f"not a GBNF or Lark grammar: {e}") from None
+    return LLMatcher.grammar_from_lark(lark)
 
 
 def regex_grammar(pattern: str) -> str:

@@ -108,6 +108,9 @@ def parse_calls(kind: str, text: str) -> list[tuple[str, Any]]:
 def _params(tool: dict, i: int) -> dict:
     fn = tool["function"]
     params = fn.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(params, dict):
+        raise APIError(400, f"tools[{i}].function.parameters: must be a JSON Schema object, got "
+                            f"{type(params).__name__}", param=f"tools.{i}.function.parameters")
     if fn.get("strict"):
         try:
             check_strict(params)
@@ -129,11 +132,11 @@ def _py_value(schema: Any, rule: str, out: list[str]) -> str:
     """A Lark expression for a Python literal of `schema` (helper rules appended to out)."""
     if not isinstance(schema, dict):
         return "pyval"
-    if "enum" in schema or "const" in schema:
-        values = schema["enum"] if "enum" in schema else [schema["const"]]
+    values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
+    if isinstance(values, list) and values:
         return "(" + " | ".join(json.dumps(_py_literal(v)) for v in values) + ")"
     types = schema.get("type")
-    types = [types] if isinstance(types, str) else types or []
+    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
     alts = []
     for t in types:
         if t == "string":
@@ -168,7 +171,11 @@ def _py_call(name: str, params: dict, rule: str, where: str) -> list[str]:
         raise APIError(400, f"{where}.name: {name!r} is not a Python identifier, which the pythonic tool-call format "
                             "needs", param=where)
     props = params.get("properties") or {}
-    required = set(params.get("required") or [])
+    required = params.get("required") or []
+    if not isinstance(props, dict) or not isinstance(required, list):
+        raise APIError(400, f"{where}.parameters: 'properties' must be an object and 'required' a list",
+                       param=where)
+    required = {k for k in required if isinstance(k, str)}
     out: list[str] = []
     keys = list(props)
     for k in keys:
