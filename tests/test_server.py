@@ -1,8 +1,8 @@
 """`herd serve` against the official `openai` client, each server a real `python -m herd serve` process on a free
 loopback port: models, chat, streaming, completions with logprobs, JSON mode, a tool call, the API key, batch
 invariance (16 concurrent requests vs each alone, and vs `herd generate`), prefix caching and metrics.
-The JSON validator behind JSON mode is checked against Python's json module first. (The chat page is tested in a
-real browser: tests/test_web_page.py.)"""
+(The grammars behind JSON mode and tool calls: tests/test_grammar.py, tests/test_tool_grammar.py; the chat page is
+tested in a real browser: tests/test_web_page.py.)"""
 
 from __future__ import annotations
 
@@ -149,85 +149,6 @@ def chat(client, text: str, **kw):
     return client.chat.completions.create(messages=[{"role": "user", "content": text}], **kw)
 
 
-# ------------------------------------------------------------------------------------------------- JSON validator
-def test_json_prefix_validator_agrees_with_the_json_module():
-    """Every prefix of json.dumps output is accepted and only the whole is complete; on random strings over the
-    JSON alphabet, `complete` holds exactly when json.loads accepts, and a rejected prefix has no valid
-    completion (json.loads fails on it however it is continued)."""
-    from herd.server.json_constraint import feed, initial_state, is_complete
-
-    rng = random.Random(0)
-
-    def value(depth=0):
-        r = rng.random()
-        if depth > 3 or r < 0.3:
-            return rng.choice([0, -1.5e3, 12, 3.25, 1e-7, True, False, None, 'a"b\\c\u00e9\n\t', "", "x y", "\u2603"])
-        if r < 0.65:
-            return {f"k{i}": value(depth + 1) for i in range(rng.randrange(4))}
-        return [value(depth + 1) for _ in range(rng.randrange(4))]
-
-    for _ in range(500):
-        doc = json.dumps(value(), indent=rng.choice([None, 2]), ensure_ascii=rng.random() < 0.5)
-        state = initial_state()
-        for i, ch in enumerate(doc):
-            assert not (doc[0] in "[{" and is_complete(state)), (doc, i)  # a container is whole only at its end
-            state = feed(state, ch)
-            assert state is not None, (doc, i)
-        assert is_complete(state)
-    alphabet = list('{}[]:,"\\ 0123-.eE+tfrulnax\n')
-    tails = ['"', "}", "]", "0", '":0}', '"]', "0]", "0}", "]}", "}]", "e", "ull", "rue"]
-    for _ in range(30000):
-        s = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 10)))
-        state = feed(initial_state(), s)
-        try:
-            json.loads(s)
-            valid = True
-        except json.JSONDecodeError:
-            valid = False
-        assert is_complete(state) == valid, s
-        if state is None:
-            for tail in tails:
-                with pytest.raises(json.JSONDecodeError):
-                    json.loads(s + tail)
-
-
-def test_json_constraint_keeps_random_logits_on_valid_json(smollm_gguf):
-    """Random logits (a model that knows nothing) through the constraint: every step stays a JSON prefix, no stop
-    is allowed before the object is whole; after 120 steps the 'model' starts to prefer closing characters, the
-    object closes, and then only a stop token is allowed."""
-    import torch
-
-    from herd.api import load_tokenizer_only
-    from herd.server.json_constraint import JsonConstraint, feed, initial_state
-
-    tok = load_tokenizer_only(smollm_gguf)
-    V = tok.vocab_size
-    closers = torch.zeros(V)
-    for i in range(V):
-        if tok.decode_bytes([i]) in (b'"', b"}", b"]", b'"}', b"0", b":", b'":'):
-            closers[i] = 12.0
-    stop = min(tok.stop_ids)
-    gen = torch.Generator().manual_seed(0)
-    for greedy in (True, False):
-        c = JsonConstraint(tok, V, tok.stop_ids, heads=["{"], greedy=greedy)
-        for step in range(600):
-            logits = torch.randn(V, generator=gen) * 3 + (closers if step >= 120 else 0)
-            logits[stop] += 20.0  # a model eager to stop: the mask must hold it back until the end
-            masked = c.mask(logits)
-            allowed = torch.isfinite(masked)
-            if c.complete:
-                assert set(torch.nonzero(allowed).flatten().tolist()) <= tok.stop_ids
-                break
-            assert not allowed[list(tok.stop_ids)].any()
-            probs = torch.softmax(masked, -1)
-            t = int(torch.argmax(masked)) if greedy else int(torch.multinomial(probs, 1, generator=gen))
-            c.advance(t)
-            assert feed(initial_state(), c.text) is not None
-        assert c.complete, c.text
-        assert isinstance(json.loads(c.text), dict) and c.text.startswith("{")
-
-
-# ------------------------------------------------------------------------------------------------- the API
 def test_models_list_and_retrieve(client, server):
     models = client.models.list()
     assert [m.id for m in models.data] == ["test-model"]

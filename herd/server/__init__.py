@@ -3,9 +3,10 @@
 Floor 10: imports herd.api, the engine and what lies below, never herd.cli (floor 11), train/ or eval/. The
 pieces: app.py (create_app: wiring only), chat.py and completions.py (the two POST routes), choices.py (the engine
 requests behind one HTTP request, answered whole or as an event stream), state.py (what a server holds),
-metrics.py (its Prometheus registry), schemas.py (request bodies and the error shape), json_constraint.py (JSON
-mode and forced tool calls as a decoding constraint). The one idea: an HTTP request is a set of engine requests
-whose events merge into one asyncio queue; everything else is translation to and from OpenAI's JSON.
+metrics.py (its Prometheus registry), schemas.py (request bodies and the error shape), grammar.py and
+tool_grammar.py (structured output and tool calls as llguidance grammars, one matcher per engine row). The one
+idea: an HTTP request is a set of engine requests whose events merge into one asyncio queue; everything else is
+translation to and from OpenAI's JSON.
 """
 
 from __future__ import annotations
