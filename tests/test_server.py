@@ -397,7 +397,7 @@ def test_health_metrics_and_page(server, client):
         assert name in text
     assert server.metric("herd_time_to_first_token_seconds_count") >= 1
     assert 'endpoint="/v1/chat/completions",status="200"' in text
-    page = httpx.get(server.url + "/", timeout=30).text
+    page = httpx.get(server.url + "/", timeout=30).text + httpx.get(server.url + "/static/chat.js", timeout=30).text
     for needle in ("<textarea id=\"system\"", "/v1/chat/completions", "id=\"stop\"", "id=\"regen\"", "/v1/models",
                    "stream: true"):
         assert needle in page
@@ -410,7 +410,10 @@ METRIC_TYPES = {
     "herd_prefix_cache_hit_tokens_total": "counter", "herd_prefill_tokens_total": "counter",
     "herd_preemptions_total": "counter", "herd_rejected_requests_total": "counter",
     "herd_cancelled_requests_total": "counter", "herd_time_to_first_token_seconds": "histogram",
-    "herd_time_per_output_token_seconds": "histogram", "herd_request_duration_seconds": "histogram"}
+    "herd_time_per_output_token_seconds": "histogram", "herd_request_duration_seconds": "histogram",
+    "herd_prefill_chunks_total": "counter", "herd_spec_draft_tokens_total": "counter",
+    "herd_spec_accepted_tokens_total": "counter", "herd_spec_proposed_by_position_total": "counter",
+    "herd_spec_accepted_by_position_total": "counter"}
 
 
 def test_metrics_names_types_and_labels_are_herds_own(server, client):

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from herd.engine.adapter_step import AdapterStep
 from herd.errors import ConfigError, HerdError
 from herd.formats.peft import adapter_scaling, read_adapter
-from herd.server.schemas import APIError
+from herd.server.schemas import AdapterRequest, APIError, parse_body
 
 
 def parse_adapter_arg(arg: str) -> tuple[str, str]:
@@ -57,17 +57,12 @@ def add_routes(app: FastAPI, state) -> None:
     @app.post("/v1/adapters")
     async def add_adapter(request: Request):
         s = need_step()
-        try:
-            body = await request.json()
-        except ValueError:
-            raise APIError(400, "the body is not JSON") from None
-        if not isinstance(body, dict) or not isinstance(body.get("path"), str):
-            raise APIError(400, "the body needs 'path' (an adapter folder) and may give 'name'", param="path")
-        name = body.get("name") or Path(body["path"].rstrip("/")).name
-        if not isinstance(name, str) or name in state.names:
+        body = await parse_body(request, AdapterRequest)
+        name = body.name or Path(body.path.rstrip("/")).name
+        if not name or name in state.names:
             raise APIError(400, f"'{name}' cannot name an adapter (it names the base model)", param="name")
         try:
-            load_adapter(s, name, body["path"])
+            load_adapter(s, name, body.path)
         except HerdError as e:
             raise APIError(400, str(e), param="path") from None
         return adapter_card(name, state)

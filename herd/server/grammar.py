@@ -365,7 +365,11 @@ def request_grammar(req, tokenizer, vocab_size: int, stop_ids: Sequence[int]) ->
 def _response_format_grammar(fmt) -> str:
     if fmt.type == "json_object":
         return json_grammar(None)
-    spec = fmt.json_schema or {}
+    spec = fmt.json_schema
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        # OpenAI's shape: {"name": ..., "schema": {...}, "strict": bool}; the name is required there too
+        raise APIError(400, "response_format.json_schema: needs a 'name' (and usually a 'schema'), as OpenAI's "
+                       "API does", param="response_format")
     schema = spec.get("schema")
     strict = spec.get("strict") is True
     if schema is None:

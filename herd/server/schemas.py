@@ -255,9 +255,16 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class AdapterRequest(_Strict):
+    """POST /v1/adapters: load a LoRA adapter folder (PEFT layout) under a name (default: the folder's)."""
+
+    path: StrictStr = Field(min_length=1)
+    name: StrictStr | None = None
+
+
 # -------------------------------------------------------------------------------------------------- schema
 BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
-          "/v1/embeddings": EmbeddingRequest, "/v1/rerank": RerankRequest}
+          "/v1/embeddings": EmbeddingRequest, "/v1/rerank": RerankRequest, "/v1/adapters": AdapterRequest}
 
 
 def openapi_bodies(schema: dict) -> dict:
