@@ -268,8 +268,11 @@ def test_chat_commands_system_and_reset(capsys, monkeypatch, tiny):
 
 def _spawn_chat(model, *extra) -> subprocess.Popen:
     env = dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1")
+    # SIGINT back to its default in the child: a test run started in the background (`cmd &` in a script) ignores
+    # SIGINT, the child would inherit that, and Python installs no KeyboardInterrupt handler for an ignored signal
     return subprocess.Popen([sys.executable, "-m", "herd", "chat", "-m", str(model), *extra],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _read_some(p: subprocess.Popen, timeout: float) -> bytes:
