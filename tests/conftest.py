@@ -64,3 +64,13 @@ def meta_model_parallel():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if not fs_init.model_parallel_is_initialized():
         fs_init.initialize_model_parallel(1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny models (one thread is fastest there, and spares a shared machine
+    OpenMP's spinning); use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -29,12 +29,7 @@ CFG = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB
 CFG_64 = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, ffn_dim=192, max_seq_len=256)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def c_encode(x: torch.Tensor, kv_type: str) -> torch.Tensor:
