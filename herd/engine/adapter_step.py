@@ -52,7 +52,7 @@ class AdapterStep(nn.Module):
         self.decode_step = _AdapterDecode(self)
         self._hooks = []
         for i, block in enumerate(model.layers):
-            for short, (path, _) in TARGETS.items():
+            for path, _ in TARGETS.values():
                 lin = block.get_submodule(path)
                 self._hooks.append(lin.register_forward_hook(self._hook(f"layers.{i}.{path}")))
 
@@ -68,8 +68,7 @@ class AdapterStep(nn.Module):
         """Register an adapter (herd module path -> (A, B), as herd.formats.peft.read_adapter gives them); its id."""
         if not name or name in self.names:
             raise ConfigError(f"an adapter named {name!r} is already loaded" if name else "an adapter needs a name")
-        dtype = self.text.norm.weight.dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
+        # float32 pairs, as LoRALinear holds them (the arithmetic `--adapter` runs)
         table = {path: (a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous(), float(scaling))
                  for path, (a, b) in weights.items()}
         with self._lock:
