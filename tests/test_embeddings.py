@@ -151,3 +151,46 @@ def test_default_model_quantized_embeddings_and_rerank(smollm_gguf):
         assert r.status_code == 400 and "documents" in r.json()["error"]["message"]
     finally:
         s.stop()
+
+
+def test_engine_merges_waiting_embedding_calls(llm):
+    """Embeddings go through the engine's thread (Engine.batch_call): calls of the same key that wait together run as
+    ONE call over all their items (one set of padded forwards for several requests), each caller gets its own share,
+    equal to the vectors computed alone; a failing call fails its callers only, and the engine keeps generating."""
+    import threading
+
+    from herd.engine.scheduler import Engine
+    from herd.errors import GenerationError
+    from herd.ops.sampling import SamplingParams
+
+    eng = Engine(llm.model, llm.tokenizer, llm.stop_ids, max_batch=2, ctx=128).start()
+    try:
+        gate, calls = threading.Event(), []
+        blocker = eng.batch_call(lambda items: [gate.wait(60)] * len(items), [0])  # holds the engine thread
+
+        def embed(seqs):
+            calls.append(len(seqs))
+            return list(llm.embed(seqs, "last"))
+
+        seqs = [llm.encode_prompt(t, raw=True) for t in TEXTS]
+        futs = [eng.batch_call(embed, seqs[:1], "e"), eng.batch_call(embed, seqs[1:3], "e"),
+                eng.batch_call(embed, seqs[3:], "e"), eng.batch_call(embed, seqs[:2], "other")]
+        gate.set()
+        assert blocker.result(60) == [True]
+        got = [f.result(60) for f in futs]
+        assert sorted(calls) == [2, 4]  # the three "e" calls merged into one over 4 sequences; "other" alone
+        assert [len(g) for g in got] == [1, 2, 1, 2]
+        alone = llm.embed(seqs, "last")
+        assert all(torch.equal(v, alone[i]) for i, v in enumerate(got[0] + got[1] + got[2]))
+
+        def broken(items):
+            raise GenerationError("no good")
+
+        with pytest.raises(GenerationError, match="no good"):
+            eng.batch_call(broken, [1, 2], "e").result(60)
+        out = eng.submit(seqs[0], SamplingParams(max_tokens=3, temperature=0.0)).result()
+        assert len(out.output_ids) == 3
+    finally:
+        eng.stop()
+    with pytest.raises(GenerationError, match="3 results for 1"):  # no engine thread: runs at once, still checked
+        eng.batch_call(lambda items: [0, 0, 0], [1]).result(1)

@@ -37,12 +37,18 @@ Speculation (speculation=, herd/engine/speculate.py): a request's guessed tokens
 one-token rows in its own page-table row at the next positions, so they are padded and batch-invariant like any row
 and greedy output is plain output; the kept prefix's keys stay, the rest are overwritten later.
 
+Whole-sequence work (embeddings, reranking, prompt log-probabilities) goes through the same thread: `batch_call`
+queues it, and the next step runs it before its prefill and decode, one model user at a time (two threads running
+forwards at once would only fight over the cores and each one's thread pool). Calls queued under the same key
+while the engine was busy are merged into one call over all their items (one padded forward for many requests).
+
 Floor: engine/ (imports herd.models' contracts through the model it is handed, herd.ops and herd.errors; the paging
 itself is paging.py's).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import queue
 import threading
@@ -189,6 +195,7 @@ class Engine:
         self._lock = threading.Condition()
         self._incoming: list[Request] = []
         self._cancels: set[int] = set()
+        self._jobs: list[tuple[object, Callable, list, concurrent.futures.Future]] = []  # batch_call's queue
         self._thread: threading.Thread | None = None
         self._stop = False
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "preempted": 0, "rejected": 0,
@@ -258,6 +265,22 @@ class Engine:
             self._cancels.add(rid)
             self._lock.notify()
 
+    def batch_call(self, fn: Callable[[list], Sequence], items: Sequence, key=None) -> concurrent.futures.Future:
+        """Run fn(items) on the engine's thread, between two steps; the Future gets its list of results (one per
+        item, in order). Calls with the same key (not None) that are waiting together run as ONE fn call over all
+        their items, so fn must treat items independently (embeddings of sequences, scores of documents). Without a
+        running engine thread the call runs here, at once."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._thread is None:
+            _run_jobs([(key, fn, list(items), fut)])
+            return fut
+        with self._lock:
+            if self._stop:
+                raise GenerationError("the engine stopped")
+            self._jobs.append((key, fn, list(items), fut))
+            self._lock.notify()
+        return fut
+
     def queue_depth(self) -> int:
         return len(self.waiting) + len(self._incoming)
 
@@ -301,7 +324,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and not (self._incoming or self._cancels or self.waiting or self.running):
+                while not self._stop and not (self._incoming or self._cancels or self.waiting or self.running
+                                              or self._jobs):
                     self._lock.wait()
                 if self._stop:
                     break
@@ -311,6 +335,10 @@ class Engine:
                 traceback.print_exc()
         for req in self.waiting + self.running + self._incoming:
             self._finish(req, GenerationError("the engine stopped"))
+        with self._lock:
+            jobs, self._jobs = self._jobs, []
+        for *_, fut in jobs:
+            fut.set_exception(GenerationError("the engine stopped"))
 
     def step(self) -> bool:
         """One iteration: cancellations, admissions, one prefill chunk, one decode step. False when idle."""
@@ -318,6 +346,9 @@ class Engine:
             self.waiting.extend(self._incoming)
             self._incoming.clear()
             cancels, self._cancels = self._cancels, set()
+            jobs, self._jobs = self._jobs, []
+        if jobs:
+            _run_jobs(jobs)
         for req in [r for r in self.waiting + self.running if r.id in cancels]:
             req.cancelled = True
             self.stats["cancelled"] += 1
@@ -590,3 +621,26 @@ class Engine:
         st.update(self.spec, len(drafts), len(out) - 1, done)
         if self.draft is not None and drafts:
             st.fed = min(st.fed, len(hist) + len(out) - 1)
+
+
+def _run_jobs(jobs: list) -> None:
+    """Run batch_call jobs: those sharing a key as one call over their items, each Future given its own share (or
+    the call's exception)."""
+    groups: dict = {}
+    for job in jobs:
+        groups.setdefault(job[0] if job[0] is not None else object(), []).append(job)
+    for group in groups.values():
+        items = [x for _, _, its, _ in group for x in its]
+        try:
+            with torch.inference_mode():
+                results = list(group[0][1](items))
+            if len(results) != len(items):
+                raise GenerationError(f"a batched call gave {len(results)} results for {len(items)} items")
+        except Exception as e:  # the callers get the error; the engine keeps serving
+            for *_, fut in group:
+                fut.set_exception(e)
+            continue
+        at = 0
+        for _, _, its, fut in group:
+            fut.set_result(results[at:at + len(its)])
+            at += len(its)

@@ -2,7 +2,8 @@
 echo and the legacy logprobs shape (tokens, token_logprobs, top_logprobs, text_offset).
 
 With echo and logprobs the prompt's own tokens come first (the first with null logprobs), scored by one forward
-of the prompt outside the engine (herd.engine.embeddings.prompt_logprobs), then the generated ones, the stop token
+of the prompt on the engine's thread between two steps (herd.engine.embeddings.prompt_logprobs through
+Engine.batch_call), then the generated ones, the stop token
 included: lm-eval's local-completions reads a likelihood as the entries between the context and the last one.
 
 Imports: herd's errors, the engine's prompt scorer, and this folder's choices, grammar (structured output), state and
@@ -47,16 +48,18 @@ def _prompts(state: ServerState, req: CompletionRequest) -> tuple[list[list[int]
 
 async def _echo_logprobs(state: ServerState, prompts: list[list[int]], k: int) -> list[dict]:
     """The legacy logprobs of each prompt's own tokens (echo): the first token has none (null), each other its
-    log-probability given the tokens before it and the k most likely alternatives; one forward per prompt, outside
-    the engine (it keeps no logits of prompt positions), in a worker thread."""
+    log-probability given the tokens before it and the k most likely alternatives; one forward per prompt on the
+    engine's thread (Engine.batch_call: the engine keeps no logits of prompt positions, and one thread at a time
+    uses the cores)."""
     llm = state.llm
     model = getattr(llm, "llm", llm).model
+    try:
+        scored = await asyncio.wrap_future(state.engine.batch_call(
+            lambda items: [prompt_logprobs(model, ids, k) for ids in items], prompts))
+    except HerdError as e:
+        raise APIError(400, f"echo with logprobs: {e}", param="echo") from None
     out = []
-    for ids in prompts:
-        try:
-            values, tops = await asyncio.get_running_loop().run_in_executor(None, prompt_logprobs, model, ids, k)
-        except HerdError as e:
-            raise APIError(400, f"echo with logprobs: {e}", param="echo") from None
+    for ids, (values, tops) in zip(prompts, scored):
         tokens, offsets, at = [], [], 0
         for t in ids:
             text = state.token_text(t)[0]

@@ -8,8 +8,10 @@ says why mean is the default) -- and L2-normalised; `encoding_format` "base64" s
 forwards. Rerank scores each document by the query's likelihood given it (LLM.rerank: UPR's query-likelihood
 prompt), a relevance in (0, 1], highest first.
 
-Both run the model outside the engine, in a worker thread, one request at a time (the engine keeps generating
-meanwhile). Imports: herd's errors and this folder's schemas and state; the model arrives as the server's LLM.
+Both run on the engine's thread (Engine.batch_call), between two decode steps, so that one thread at a time uses
+the cores; the inputs of every embeddings request waiting together (with the same pooling) share one set of padded
+forwards, and so do the documents of waiting rerank requests. Imports: herd's errors and this folder's schemas and
+state; the model arrives as the server's LLM, the engine as its ServerState's.
 """
 
 from __future__ import annotations
@@ -57,14 +59,13 @@ def _encoded(vector: np.ndarray, encoding_format: str):
 
 def add_routes(app, state: ServerState) -> None:
     """Register POST /v1/embeddings and /v1/rerank on a create_app FastAPI app."""
-    lock = asyncio.Lock()  # one model forward of these routes at a time: they would only fight over the cores
 
-    async def run(fn, *args):
-        async with lock:
-            try:
-                return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-            except HerdError as e:
-                raise APIError(400, str(e)) from None
+    async def run(fn, items: list, key) -> list:
+        """fn over items on the engine's thread, merged with other waiting calls of the same key."""
+        try:
+            return await asyncio.wrap_future(state.engine.batch_call(fn, items, key))
+        except HerdError as e:
+            raise APIError(400, str(e)) from None
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
@@ -75,7 +76,8 @@ def add_routes(app, state: ServerState) -> None:
             raise APIError(400, f"dimensions: this model's embeddings have {dim} dimensions, got {req.dimensions} "
                                 "(herd does not shorten them)", param="dimensions")
         seqs = _token_lists(state, req.items(), "input")
-        vectors = (await run(state.llm.embed, seqs, req.pooling)).numpy()  # (N, D) float32, normalised
+        pooling = req.pooling
+        vectors = await run(lambda seqs: list(state.llm.embed(seqs, pooling).numpy()), seqs, ("embed", pooling))
         n_tokens = sum(len(s) for s in seqs)
         state.metrics.prompt_tokens.inc(n_tokens)
         data = [{"object": "embedding", "index": i, "embedding": _encoded(v, req.encoding_format)}
@@ -94,7 +96,7 @@ def add_routes(app, state: ServerState) -> None:
         except HerdError as e:
             raise APIError(400, str(e), param="query") from None
         _token_lists(state, [ids for ids, _ in inputs], "documents")  # vocabulary and context, before any work
-        scores = await run(state.llm.rerank_scores, inputs)
+        scores = await run(state.llm.rerank_scores, inputs, "rerank")
         n_tokens = sum(len(ids) for ids, _ in inputs)
         state.metrics.prompt_tokens.inc(n_tokens)
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[:req.top_n]
