@@ -22,6 +22,7 @@ from herd.ops.sampling import (
     SamplingParams,
     apply_presence_frequency_penalty,
     apply_repetition_penalty,
+    draw,
     filter_logits,
     pick_token,
     sampling_logits,
@@ -214,8 +215,8 @@ COMBOS = [
 def test_generate_order_and_draws_equal_transformers_generate(tiny_pair, combo):
     """transformers' generate(do_sample=True) with output_logits (raw) and output_scores (after its processors, in
     its order: repetition penalty, temperature, top-k, top-p, min-p): herd's sampling_logits on each raw row is
-    bit-identical to its scores, and pick_token with a generator seeded as torch.manual_seed seeds the global one
-    draws the very same tokens."""
+    bit-identical to its scores, and pick_token with multinomial=True and a generator seeded as torch.manual_seed
+    seeds the global one draws the very same tokens."""
     prompt = [5, 17, 42, 9, 9, 100, 17]
     seed, steps = 3, 12
     torch.manual_seed(seed)
@@ -226,7 +227,7 @@ def test_generate_order_and_draws_equal_transformers_generate(tiny_pair, combo):
                                  eos_token_id=None, pad_token_id=0, output_logits=True, output_scores=True,
                                  return_dict_in_generate=True)
     want = out.sequences[0, len(prompt):].tolist()
-    p = SamplingParams(**combo, seed=seed)
+    p = SamplingParams(**combo, seed=seed, multinomial=True)
     gen = p.make_generator()
     got = []
     for raw, scores in zip(out.logits, out.scores):
@@ -256,16 +257,19 @@ def chi2_sf(stat: float, df: int) -> float:
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
+@pytest.mark.parametrize("multinomial", [False, True], ids=["cdf", "multinomial"])
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0.8),
     SamplingParams(temperature=0.7, top_k=5),
     SamplingParams(temperature=1.3, top_p=0.8, repetition_penalty=1.5),
     SamplingParams(temperature=1.2, min_p=0.1, top_k=7),
 ], ids=["plain", "top_k", "top_p+rep", "min_p+top_k"])
-def test_sampled_tokens_follow_the_filtered_softmax(params):
+def test_sampled_tokens_follow_the_filtered_softmax(params, multinomial):
     """6,000 draws at a fixed seed on a fixed 10-token row: no filtered token is ever drawn, and Pearson's
     chi-square against softmax(sampling_logits) is not significant at 0.1%. Wrong filtering or a skewed sampler
-    fails it (measured p-values at this seed: 0.996, 0.87, 0.84, 0.54)."""
+    fails it. Both samplers: the default inverse transform on the cumulative sum (measured p-values at this seed:
+    0.32, 0.43, 0.76, 0.32) and torch.multinomial (0.996, 0.87, 0.84, 0.54)."""
+    params = SamplingParams(**{**params.__dict__, "multinomial": multinomial})
     x = torch.tensor([2.0, 1.5, 1.4, 0.3, 0.0, -0.2, -1.0, 1.0, 0.9, -3.0])
     history = [1, 3]
     probs = torch.softmax(sampling_logits(x, params, history), -1).double()
@@ -279,6 +283,23 @@ def test_sampled_tokens_follow_the_filtered_softmax(params):
     df = int(kept.sum()) - 1
     assert chi2_sf(stat, df) > 1e-3, (stat, df)
     # the test has the power to fail: the same draws against softmax(x) over the kept tokens (temperature and
-    # penalty ignored) give p < 1e-9 in every case here (measured: 2.8e-30, 4.7e-43, 9.9e-37, 2.1e-10)
+    # penalty ignored) give p < 1e-9 in every case here (measured with multinomial: 2.8e-30, 4.7e-43, 9.9e-37,
+    # 2.1e-10; with the cumulative sum: 1.1e-32, 3.2e-44, 9.1e-36, 1.2e-11)
     wrong = torch.softmax(x.double()[kept], -1) * n
     assert chi2_sf(float(((counts[kept].double() - wrong) ** 2 / wrong).sum()), df) < 1e-6
+
+
+def test_draw_never_picks_an_entry_of_probability_zero_even_at_the_ends(monkeypatch):
+    """The inverse transform at its edges: zeros first, last and between are never drawn, a one-hot row always
+    gives its one entry, and u = 0 and u = 1 (torch.rand never returns 1, but u * total may round up to the total)
+    land on the first and last entries of non-zero probability."""
+    probs = torch.tensor([0.0, 0.0, 0.3, 0.0, 0.7, 0.0, 0.0])
+    g = torch.Generator().manual_seed(0)
+    assert {draw(probs, g) for _ in range(2_000)} == {2, 4}
+    for hot in range(7):
+        assert draw(torch.nn.functional.one_hot(torch.tensor(hot), 7).float(), g) == hot
+    real_rand = torch.rand
+    for u, want in [(0.0, 2), (1.0, 4)]:
+        monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.tensor(u, dtype=torch.float64))
+        assert draw(probs, g) == want, u
+    monkeypatch.setattr(torch, "rand", real_rand)

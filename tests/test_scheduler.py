@@ -13,7 +13,7 @@ from herd.config import ModelConfig
 from herd.engine.generate import generate_batch
 from herd.models.kv_cache import KVCache
 from herd.engine.paging import PagedKVCache, PagePool, attention_granule, row_granule
-from herd.engine.scheduler import Engine, QueueFull
+from herd.engine.scheduler import Engine, QueueFull, in_fresh_thread
 from herd.errors import GenerationError
 from herd.models.llama import build_model
 from herd.ops.sampling import SamplingParams
@@ -333,3 +333,23 @@ def test_batch_invariance_with_two_threads(model):
             assert [x.logprob for x in a.logprobs] == [x.logprob for x in b.logprobs]
     finally:
         torch.set_num_threads(1)
+
+
+def test_in_fresh_thread_returns_raises_and_leaves_no_thread_behind():
+    """serve() loads the model through in_fresh_thread so that only the engine thread keeps an OpenMP team: the
+    function runs on another thread, which has ended when the call returns; its value comes back and its exception
+    is raised on the caller's thread."""
+    seen = []
+
+    def work():
+        seen.append(threading.current_thread())
+        return torch.ones(64, 64).matmul(torch.ones(64, 64)).sum().item()
+
+    assert in_fresh_thread(work) == 64.0 * 64 * 64
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def fail():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        in_fresh_thread(fail)

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from herd.errors import ConfigError, GenerationError
-from herd.ops.sampling import SamplingParams, apply_repetition_penalty, filter_logits
+from herd.ops.sampling import SamplingParams, apply_repetition_penalty, draw, filter_logits
 
 METHODS = ("ngram", "draft")
 MAX_BACKOFF = 64  # plain steps between probes when a sequence's drafts keep failing
@@ -245,7 +245,7 @@ def accept(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, p: S
             continue
         probs = torch.softmax(s, -1)
         if j == len(drafts):
-            out.append(int(torch.multinomial(probs, 1, generator=generator)))
+            out.append(draw(probs, generator, p.multinomial))
             return out
         d = drafts[j]
         qd = 1.0 if q is None else float(q[j, d])
@@ -260,7 +260,7 @@ def accept(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, p: S
             residual = (probs - q[j]).clamp_min(0.0)
         if float(residual.sum()) <= 0.0:  # p <= q everywhere means p == q: rejection is then impossible
             residual = probs
-        out.append(int(torch.multinomial(residual / residual.sum(), 1, generator=generator)))
+        out.append(draw(residual, generator, p.multinomial))
         return out
     return out
 
@@ -328,7 +328,7 @@ class DraftRunner:
                 else:
                     q = draft_probs(lg, p, hist + drafts)
                     qs.append(q)
-                    drafts.append(int(torch.multinomial(q, 1, generator=g)))
+                    drafts.append(draw(q, g, p.multinomial))
             more = [it for it in items if it[2] > j + 1]
             if not more:
                 break

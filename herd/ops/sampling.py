@@ -25,6 +25,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k most likely
     ignore_eos: bool = False
+    # Draw with torch.multinomial, as transformers' generate() does (its tokens, token for token, at a seed), at
+    # 1.5 ms a 49k-token row here, instead of one uniform number through the cumulative sum (65 us; see `draw`).
+    multinomial: bool = False
 
     def validate(self) -> "SamplingParams":
         def bad(name, value, rule):
@@ -127,8 +130,23 @@ def pick_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generat
     logits = sampling_logits(logits, p, history)
     if p.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits, -1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return draw(torch.softmax(logits, -1), generator, p.multinomial)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None, multinomial: bool = False) -> int:
+    """An index i of probs (V,) drawn with probability probs[i] / probs.sum(). By inverse transform sampling: the
+    first i whose float64 cumulative sum passes u * total, for one uniform u, as llama.cpp's sampler draws; an entry
+    of probability 0 is never chosen. torch.multinomial draws one exponential number per entry instead (1.5 ms for
+    a 49k-token row on this machine, 23x the cumulative sum): multinomial=True uses it, to reproduce transformers'
+    draws at a seed."""
+    if multinomial:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    cdf = probs.double().cumsum(0)
+    u = torch.rand((), dtype=torch.float64, generator=generator) * cdf[-1]
+    i = int(torch.searchsorted(cdf, u, right=True))
+    if i >= cdf.numel():  # u * total rounded up to the total: the last entry that has any probability
+        i = int(torch.nonzero(probs).max())
+    return i
 
 
 def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:

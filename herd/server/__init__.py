@@ -42,6 +42,7 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
     drains: new requests get 503 and it exits once those in flight are answered (at most drain_timeout s)."""
     from herd.api import load
     from herd.errors import ConfigError
+    from herd.engine.scheduler import in_fresh_thread
     from herd.server.app import create_app, serve_app
 
     api_key = api_key if api_key is not None else os.environ.get("HERD_API_KEY") or None
@@ -50,36 +51,39 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
         from pathlib import Path
 
         template = Path(chat_template).read_text(encoding="utf-8")
-    llm = load(model, dtype, chat_template=template, keep_quantized=keep_quantized, quantization=quantization,
-               kv_type=kv_type)
-    if ctx is not None and not 2 <= ctx <= llm.config.max_seq_len:
-        raise ConfigError(f"--ctx {ctx}: must be between 2 and the model's context, {llm.config.max_seq_len}")
     name = served_model_name or model_name_for(model)
-    spec = None
-    if speculate or draft_model:  # speculative decoding in the engine (herd/engine/speculate.py)
-        from herd.api import speculation
-
-        spec = speculation(llm, speculate, draft_model, draft_tokens)
-    image_model = None
-    if not getattr(llm, "accepts_images", False):
-        from herd.api import ImageChat
-        from herd.formats.vision_ckpt import CONFIG_FILE
-        from herd.hub import default_vision_dir
-
-        if vision is not None or (not adapters and (default_vision_dir(model) / CONFIG_FILE).exists()):
-            image_model = ImageChat.load(vision, llm=llm, model=model)
-            print(f"herd: images answered by the vision model in {vision or default_vision_dir(model)}",
-                  file=sys.stderr, flush=True)
-    aliases = {llm.source, model_name_for(llm.source)} | ({model} if model else set())
     if adapters:  # ["NAME=DIR" or "DIR", ...] -> {name: dir}, served beside the base (herd/server/adapters.py)
         from herd.server.adapters import parse_adapter_arg
 
         adapters = dict(parse_adapter_arg(a) for a in adapters)
-    app = create_app(llm, model_name=name, api_key=api_key, aliases=aliases, vision=image_model, adapters=adapters,
-                     max_batch=max_batch,
-                     ctx=ctx, kv_tokens=kv_tokens, max_queue=max_queue, page_size=page_size,
-                     prefill_chunk=prefill_chunk, prefix_cache=prefix_cache,
-                     **({"speculation": spec} if spec is not None else {}))
+
+    def build():  # on a thread of its own that ends before serving (in_fresh_thread: the engine thread's speed)
+        llm = load(model, dtype, chat_template=template, keep_quantized=keep_quantized, quantization=quantization,
+                   kv_type=kv_type)
+        if ctx is not None and not 2 <= ctx <= llm.config.max_seq_len:
+            raise ConfigError(f"--ctx {ctx}: must be between 2 and the model's context, {llm.config.max_seq_len}")
+        spec = None
+        if speculate or draft_model:  # speculative decoding in the engine (herd/engine/speculate.py)
+            from herd.api import speculation
+
+            spec = speculation(llm, speculate, draft_model, draft_tokens)
+        image_model = None
+        if not getattr(llm, "accepts_images", False):
+            from herd.api import ImageChat
+            from herd.formats.vision_ckpt import CONFIG_FILE
+            from herd.hub import default_vision_dir
+
+            if vision is not None or (not adapters and (default_vision_dir(model) / CONFIG_FILE).exists()):
+                image_model = ImageChat.load(vision, llm=llm, model=model)
+                print(f"herd: images answered by the vision model in {vision or default_vision_dir(model)}",
+                      file=sys.stderr, flush=True)
+        aliases = {llm.source, model_name_for(llm.source)} | ({model} if model else set())
+        return create_app(llm, model_name=name, api_key=api_key, aliases=aliases, vision=image_model,
+                          adapters=adapters, max_batch=max_batch, ctx=ctx, kv_tokens=kv_tokens, max_queue=max_queue,
+                          page_size=page_size, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache,
+                          **({"speculation": spec} if spec is not None else {}))
+
+    app = in_fresh_thread(build)
     engine = app.state.engine
     loopback = host in ("127.0.0.1", "localhost", "::1")
     print(f"herd: serving {name} at http://{host}:{port} (batch {engine.max_batch}, context {engine.ctx}, "

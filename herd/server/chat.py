@@ -48,11 +48,13 @@ def _messages(state: ServerState, req: ChatCompletionRequest) -> tuple[list[dict
 
 async def _encode_images(state: ServerState, req, messages: list[dict]) -> tuple[list[int], object]:
     """(prompt ids, images as the engine's model takes them) of messages holding images: decoded, checked and
-    encoded by the vision model off the event loop."""
+    encoded by the vision model on the engine's thread, between decode steps (one thread at a time runs model
+    work: herd.engine.scheduler.in_fresh_thread says why)."""
     if req.tools and req.tool_choice != "none":
         raise APIError(400, "tools cannot be combined with images yet", param="tools")
     try:
-        return await asyncio.get_running_loop().run_in_executor(None, lambda: state.vision.encode(messages))
+        encoded = state.engine.batch_call(lambda items: [state.vision.encode(m) for m in items], [messages])
+        return (await asyncio.wrap_future(encoded))[0]
     except HerdError as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
 
