@@ -38,13 +38,18 @@ for step in $steps; do case $step in
       $PY -m herd bench cpu --model "$f" --threads 2 --depths 0 -r ${SHAPE_REPS:-5} \
           --batch-repetitions ${SHAPE_BATCH_REPS:-2} --out $OUT
     done ;;
-  serve)
-    quiet "serve llama-server"
-    $PY benchmarks/peers.py serve --engine llama-server -np 16 --threads 2 --concurrency 1,4,16 --input-len 64 \
-        --output-len 128 --out $OUT/serve_llama_server.json
-    quiet "serve herd"
-    $PY benchmarks/peers.py serve --engine herd --threads 2 --concurrency 1,4,16 --input-len 64 \
-        --output-len 128 --port 18081 --out $OUT/serve_herd.json ;;
+  serve)  # the default file (Q4_1), and Q4_0: llama.cpp's fastest format here; SERVE_ROUNDS rounds, servers in turns
+    for f in "$DEFAULT" $M/SmolLM2-135M-Instruct.Q4_0.gguf; do
+      case $f in *Q4_0*) sfx=.Q4_0 ;; *) sfx= ;; esac
+      for r in $(seq 1 ${SERVE_ROUNDS:-3}); do
+        quiet "serve herd $f (round $r)"
+        $PY benchmarks/peers.py serve --engine herd --model "$f" --threads 2 --concurrency 1,4,16 --input-len 64 \
+            --output-len 128 --port 18081 --out $OUT/serve_herd$sfx.r$r.json
+        quiet "serve llama-server $f (round $r)"
+        $PY benchmarks/peers.py serve --engine llama-server --model "$f" -np 16 --threads 2 --concurrency 1,4,16 \
+            --input-len 64 --output-len 128 --out $OUT/serve_llama_server$sfx.r$r.json
+      done
+    done ;;
   quality)
     quiet "quality"
     $PY benchmarks/quality.py --chunks ${CHUNKS:-16} --threads 2 --kv-types f16,q8_0 ;;

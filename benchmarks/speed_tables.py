@@ -1,6 +1,6 @@
 """The README's "## Speed" tables, built only from result files in benchmarks/results (one PNG per table).
 
-Reads bench_cpu_*.json (`herd bench cpu`), serve_herd.json / serve_llama_server.json (`benchmarks/peers.py serve`)
+Reads bench_cpu_*.json (`herd bench cpu`), serve_herd[.Q4_0].json / serve_llama_server[.Q4_0].json (`benchmarks/peers.py serve`)
 and quality.json (`benchmarks/quality.py`); writes benchmarks/results/speed.md and speed_*.png, and lists where
 herd falls short of issue 12's targets.
 
@@ -131,7 +131,24 @@ def shapes_table(reports: list[tuple[Path, dict]], shortfalls: list[str], png: P
     return out
 
 
-def serve_table(herd: dict, lc: dict, shortfalls: list[str], png: Path, paths) -> list[str]:
+def load_serve(results: Path, stem: str) -> tuple[dict, list[Path]] | None:
+    """A serving result: STEM.json, or the rounds STEM.rN.json (run_speed.sh alternates the two servers round by
+    round) merged: at each concurrency the round with the median output tokens/s (the lower of the two middle
+    ones), with every round's figure kept in "rounds" for the table's range."""
+    files = sorted(results.glob(f"{stem}.r*.json"))
+    if not files:
+        one = results / f"{stem}.json"
+        return (json.loads(one.read_text()), [one]) if one.is_file() else None
+    runs = [json.loads(f.read_text()) for f in files]
+    merged = dict(runs[0], levels=[], machine=dict(runs[0]["machine"], busy=any(r["machine"]["busy"] for r in runs)))
+    for c in sorted({x["concurrency"] for r in runs for x in r["levels"]}):
+        at = sorted((x for r in runs for x in r["levels"] if x["concurrency"] == c),
+                    key=lambda x: x["output_tokens_per_s"])
+        merged["levels"].append(dict(at[(len(at) - 1) // 2], rounds=[x["output_tokens_per_s"] for x in at]))
+    return merged, files
+
+
+def serve_table(herd: dict, lc: dict, shortfalls: list[str], png: Path, paths, fmt: str = "Q4_1") -> list[str]:
     out = ["| concurrency | herd out tok/s | llama-server out tok/s | ratio | herd TTFT p50 / p99 (ms) | "
            "llama-server TTFT p50 / p99 (ms) | herd TPOT mean (ms) | llama-server TPOT mean (ms) |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -140,25 +157,31 @@ def serve_table(herd: dict, lc: dict, shortfalls: list[str], png: Path, paths) -
     for c in sorted(set(hl) | set(ll)):
         a, b = hl.get(c), ll.get(c)
         ratio = a["output_tokens_per_s"] / b["output_tokens_per_s"] if a and b else None
-        f = lambda x: f"{x['output_tokens_per_s']:.0f}" if x else "-"  # noqa: E731
+        f = lambda x: (f"{x['output_tokens_per_s']:.0f}" + (f" ({min(x['rounds']):.0f}-{max(x['rounds']):.0f})"  # noqa: E731
+                       if len(x.get("rounds", [])) > 1 else "")) if x else "-"
         tt = lambda x: f"{x['ttft_ms']['p50']:.0f} / {x['ttft_ms']['p99']:.0f}" if x else "-"  # noqa: E731
         tp = lambda x: f"{x['tpot_ms']['mean']:.1f}" if x else "-"  # noqa: E731
         out.append(f"| {c} | {f(a)} | {f(b)} | {_rs(ratio)} | {tt(a)} | {tt(b)} | {tp(a)} | {tp(b)} |")
         if a and b and c == 16:
             if ratio < 2:
-                shortfalls.append(f"serving, 16 streams: {ratio:.2f}x llama-server's output tokens/s (target 2x)")
+                shortfalls.append(f"serving {fmt}, 16 streams: {ratio:.2f}x llama-server's output tokens/s (target 2x)")
             if a["ttft_ms"]["p99"] > b["ttft_ms"]["p99"]:
-                shortfalls.append(f"serving, 16 streams: p99 TTFT {a['ttft_ms']['p99']:.0f} ms vs "
+                shortfalls.append(f"serving {fmt}, 16 streams: p99 TTFT {a['ttft_ms']['p99']:.0f} ms vs "
                                   f"{b['ttft_ms']['p99']:.0f} ms (target: at most llama-server's)")
         if a and b and c == 1 and a["tpot_ms"]["mean"] > b["tpot_ms"]["mean"]:
-            shortfalls.append(f"serving, 1 stream: TPOT {a['tpot_ms']['mean']:.1f} ms vs "
+            shortfalls.append(f"serving {fmt}, 1 stream: TPOT {a['tpot_ms']['mean']:.1f} ms vs "
                               f"{b['tpot_ms']['mean']:.1f} ms (target: at most llama-server's)")
     cs = sorted(set(hl) & set(ll))
     _bar_chart(png, [str(c) for c in cs], {"herd serve": [hl[c]["output_tokens_per_s"] for c in cs],
                                            "llama-server -np 16": [ll[c]["output_tokens_per_s"] for c in cs]},
-               "output tokens/s by concurrency (default model Q4_1)")
+               f"output tokens/s by concurrency (default model {fmt})")
     busy = " **BUSY**" if herd["machine"]["busy"] or lc["machine"]["busy"] else ""
-    out += ["", f"From `{_rel(paths[0])}` (`{' '.join(herd['server_command'][1:])}`) and `{_rel(paths[1])}` "
+    rounds = max(len(x.get("rounds", [0])) for x in herd["levels"] + lc["levels"])
+    if rounds > 1:
+        busy += (f"; {rounds} rounds, the two servers in turns, each figure the median round (range in brackets; "
+                 "TTFT and TPOT from that round)")
+    out += ["", f"From `{', '.join(_rel(p) for p in paths[0])}` (`{' '.join(herd['server_command'][1:])}`) and "
+                f"`{', '.join(_rel(p) for p in paths[1])}` "
                 f"(`{' '.join(Path(lc['server_command'][0]).name if i == 0 else a for i, a in enumerate(lc['server_command']))}`)"
                 f", run by `benchmarks/peers.py serve`{busy}.", f"![serving]({_rel(png)})", ""]
     return out
@@ -249,11 +272,12 @@ def build(results: Path) -> str:
     if shapes:
         lines += ["### Llama 3.2 1B and 3B shapes (random weights)", ""]
         lines += shapes_table(shapes, shortfalls, results / "speed_shapes.png")
-    sh, sl = results / "serve_herd.json", results / "serve_llama_server.json"
-    if sh.is_file() and sl.is_file():
-        lines += ["### Serving: `herd serve` (default flags) vs `llama-server -np 16 -cb -t 2`", ""]
-        lines += serve_table(json.loads(sh.read_text()), json.loads(sl.read_text()), shortfalls,
-                             results / "speed_serve.png", (sh, sl))
+    # the default file (Q4_1), then Q4_0: llama.cpp's fastest format here (pp512 1,146 vs 298 tokens/s)
+    for fmt, suffix, png in (("Q4_1", "", "speed_serve.png"), ("Q4_0", ".Q4_0", "speed_serve.Q4_0.png")):
+        sh, sl = load_serve(results, f"serve_herd{suffix}"), load_serve(results, f"serve_llama_server{suffix}")
+        if sh and sl:
+            lines += [f"### Serving {fmt}: `herd serve` (default flags) vs `llama-server -np 16 -cb -t 2`", ""]
+            lines += serve_table(sh[0], sl[0], shortfalls, results / png, (sh[1], sl[1]), fmt)
     q = results / "quality.json"
     if q.is_file():
         lines += ["### Quality: KL divergence from a float reference", ""]
