@@ -3,6 +3,8 @@ herd.train.pretrain.pretrain / herd.train.distill.distill. Under torchrun every 
 
 from __future__ import annotations
 
+from herd.errors import ConfigError
+from herd.train.memory_plan import AC_MODES, GPUS, LOSSES
 from herd.train.parallel import LAYOUTS
 
 
@@ -15,6 +17,11 @@ def cmd_data_prepare(args) -> None:
 def _common_opts(args, names) -> dict:
     opts = {k: getattr(args, k) for k in names}
     opts["progress"] = not args.no_progress
+    if "activation_checkpointing" in opts:  # training recomputes whole blocks or nothing
+        if opts["activation_checkpointing"] == "selective":
+            raise ConfigError("--activation-checkpointing selective (torchtitan's op-level policy) is for --plan "
+                              "estimates; training does none or full")
+        opts["activation_checkpointing"] = opts["activation_checkpointing"] == "full"
     return opts
 
 
@@ -36,6 +43,17 @@ def _threads(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
+    if args.plan:
+        from herd.train.memory_plan import plan_pretrain
+
+        plan = plan_pretrain(args.model_config, batch_size=args.batch_size, seq_len=args.seq_len, nodes=args.nodes,
+                             gpus_per_node=args.gpus_per_node, parallel=args.parallel, tp=args.tp,
+                             grad_accum=args.grad_accum, dtype=args.dtype, gpu=args.gpu, mfu=args.mfu,
+                             activation_checkpointing=args.activation_checkpointing, loss=args.loss_impl)
+        print("\n".join(plan.lines()))
+        return
+    if not args.data or not args.out:
+        raise ConfigError("herd pretrain needs --data and --out (or --plan for a memory and step-time estimate)")
     from herd.train.pretrain import pretrain
 
     _threads(args)
@@ -59,10 +77,10 @@ def cmd_distill(args) -> None:
               f"{res.losses[-1]:.4f}; wrote {res.out}")
 
 
-def _add_training(p, d) -> None:
+def _add_training(p, d, need_data: bool = True) -> None:
     """The options pretrain and distill share."""
-    p.add_argument("--data", required=True, help="a folder made by `herd data prepare`")
-    p.add_argument("--out", required=True, help="output folder (checkpoints/, metrics.jsonl, loss.png)")
+    p.add_argument("--data", required=need_data, help="a folder made by `herd data prepare`")
+    p.add_argument("--out", required=need_data, help="output folder (checkpoints/, metrics.jsonl, loss.png)")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="GLOBAL batch: sequences per optimizer step, whatever the world size")
@@ -81,7 +99,9 @@ def _add_training(p, d) -> None:
     p.add_argument("--resume-from", default=None, help="continue from this checkpoint folder (writing into --out)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype)
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", nargs="?", const="full", default="none", choices=AC_MODES,
+                   help="recompute activations in the backward pass: full (the default when given alone) recomputes "
+                        "each block; selective is torchtitan's op-level policy, for --plan only")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
 
@@ -109,7 +129,17 @@ def register(subparsers) -> None:
                    "file of herd config keys; debug takes its vocabulary from the data")
     p.add_argument("--init-from", default=None, help="start from a checkpoint: a herd training checkpoint (any "
                    "layout) or any model herd loads (HF, Meta, GGUF)")
-    _add_training(p, d)
+    _add_training(p, d, need_data=False)
+    g = p.add_argument_group("--plan: print per-GPU memory and step time instead of training (no GPU, no data)")
+    g.add_argument("--plan", action="store_true", help="estimate memory and step time for the layout and batch given")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--gpu", choices=list(GPUS), default="h100", help="h100: SXM 80 GB; h100-96gb: torchtitan's "
+                   "benchmark hosts; h200")
+    g.add_argument("--mfu", type=float, default=0.40,
+                   help="assumed fraction of the GPU's dense bf16 peak the step's FLOPs (recompute included) reach")
+    g.add_argument("--loss-impl", choices=LOSSES, default="chunked",
+                   help="chunked: herd's loss (no logits kept); eager: F.cross_entropy on fp32 logits (torchtitan)")
     p.set_defaults(func=cmd_pretrain)
 
     d = DistillConfig()
