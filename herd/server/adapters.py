@@ -10,6 +10,7 @@ uses is refused (409).
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -61,8 +62,9 @@ def add_routes(app: FastAPI, state) -> None:
         name = body.name or Path(body.path.rstrip("/")).name
         if not name or name in state.names:
             raise APIError(400, f"'{name}' cannot name an adapter (it names the base model)", param="name")
-        try:
-            load_adapter(s, name, body.path)
+        try:  # on the engine's thread, between steps: off the event loop, and no other thread runs torch work
+            loaded = state.engine.batch_call(lambda paths: [load_adapter(s, name, p) for p in paths], [body.path])
+            await asyncio.wrap_future(loaded)
         except HerdError as e:
             raise APIError(400, str(e), param="path") from None
         return adapter_card(name, state)
