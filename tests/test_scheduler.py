@@ -13,7 +13,8 @@ from herd.config import ModelConfig
 from herd.engine.generate import generate_batch
 from herd.models.kv_cache import KVCache
 from herd.engine.paging import PagedKVCache, PagePool, attention_granule, row_granule
-from herd.engine.scheduler import Engine, QueueFull, in_fresh_thread
+from herd.engine.scheduler import Engine, QueueFull
+from herd.engine.threads import in_fresh_thread
 from herd.errors import GenerationError
 from herd.models.llama import build_model
 from herd.ops.sampling import SamplingParams

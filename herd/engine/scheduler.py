@@ -296,9 +296,8 @@ class Engine:
         return [h.result() for h in handles]
 
     def start(self) -> "Engine":
-        """Run the loop on a background thread. For full speed, no other thread should have run the model's
-        parallel work before (see `in_fresh_thread`): GNU OpenMP keeps an idle team per thread that ever opened a
-        parallel region, and with more such threads than cores it stops spinning between regions."""
+        """Run the loop on a background thread. For full speed, no other live thread should have run the model's
+        parallel work before (herd/engine/threads.py says why)."""
         if self._thread is None:
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
@@ -624,29 +623,6 @@ class Engine:
         st.update(self.spec, len(drafts), len(out) - 1, done)
         if self.draft is not None and drafts:
             st.fed = min(st.fed, len(hist) + len(out) - 1)
-
-
-def in_fresh_thread(fn: Callable[[], object]) -> object:
-    """fn() run on a new thread that ends before this returns (its exception re-raised here). Load a model this
-    way when an engine thread will drive it: GNU OpenMP (torch's, and the native kernels') keeps an idle worker
-    team for every thread that ever opened a parallel region, counts them all as busy, and once they outnumber the
-    cores its workers stop spin-waiting between regions and sleep instead. A decode step opens hundreds of regions,
-    so an engine thread next to a loading thread's idle team decoded 3x slower (26 vs 9 ms a token, default model,
-    2 threads); a team is freed when its thread ends."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # re-raised on the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=run, name="herd-load", daemon=True)  # daemon: Ctrl-C during a load exits
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def _run_jobs(jobs: list) -> None:

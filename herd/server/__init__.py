@@ -42,7 +42,7 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
     drains: new requests get 503 and it exits once those in flight are answered (at most drain_timeout s)."""
     from herd.api import load
     from herd.errors import ConfigError
-    from herd.engine.scheduler import in_fresh_thread
+    from herd.engine.threads import in_fresh_thread
     from herd.server.app import create_app, serve_app
 
     api_key = api_key if api_key is not None else os.environ.get("HERD_API_KEY") or None

@@ -49,7 +49,7 @@ def _messages(state: ServerState, req: ChatCompletionRequest) -> tuple[list[dict
 async def _encode_images(state: ServerState, req, messages: list[dict]) -> tuple[list[int], object]:
     """(prompt ids, images as the engine's model takes them) of messages holding images: decoded, checked and
     encoded by the vision model on the engine's thread, between decode steps (one thread at a time runs model
-    work: herd.engine.scheduler.in_fresh_thread says why)."""
+    work: herd.engine.threads.in_fresh_thread says why)."""
     if req.tools and req.tool_choice != "none":
         raise APIError(400, "tools cannot be combined with images yet", param="tools")
     try:
