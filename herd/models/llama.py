@@ -74,7 +74,9 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         m = mask[1] if self.chunk else mask[0]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # (B, H, T, hd)
+        # m None (a caller's hook, training rows that are one example each, no cache): plain causal, which the fused
+        # kernels compute over the lower triangle only
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=m is None)  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

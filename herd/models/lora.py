@@ -59,7 +59,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        d = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
+        a = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))  # (..., r)
+        if self.row_scaling is None and a.dtype == y.dtype and y.is_contiguous():
+            # y + s * a B^T as one GEMM accumulating onto the base output: no (..., out) temporaries for B's product
+            # and its scaling (training keeps only a for B's gradient, as before)
+            return torch.addmm(y.view(-1, self.out_features), a.reshape(-1, self.rank), self.lora_B.weight.t(),
+                               alpha=self.scaling).view(y.shape)
+        d = self.lora_B(a)
         s = self.scaling if self.row_scaling is None else self.row_scaling.to(d.dtype)
         return y + (d * s).to(y.dtype)
 

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from herd.errors import ConfigError
 from herd.train import checkpoint as ckpt_io
 from herd.train.answers import AnswerCheck, check_answers, questions, sample
 from herd.train.data import IGNORE, Batch, DataSummary, PackedData, load_examples
+from herd.train.loss import loss_head
 from herd.train.plan import MAX_AUTO_SEQ_LEN, Plan, choose_seq_len, make_plan, resolved
 
 
@@ -108,10 +108,28 @@ def packed_forward(model, doc: torch.Tensor, keep: torch.Tensor | None = None):
     examples do not see each other. With keep (B, T) bool, the output layer sees only the kept positions, so the
     model returns logits (N, V) for those alone (the vocabulary projection is the costliest matmul of small models).
     """
-    same = doc[:, None, :, None] == doc[:, None, None, :]  # (B, 1, T, T)
+    T = doc.shape[1]
+    chunk = model.config.attention_chunk_size
+    if bool((doc == doc[:, :1]).all()) and not (chunk and chunk < T):
+        # every row one example (positions 0..T-1): the model's masks are plain causal ones, which attention
+        # computes without any mask over half the (T, T) blocks; None says so (llama.Attention)
+        same = None
+    else:
+        same = doc[:, None, :, None] == doc[:, None, None, :]  # (B, 1, T, T)
+    made = {}  # id of the model's mask pair -> (that pair, the combined pair as additive float masks)
 
     def mask_hook(_module, args):
-        return args[:4] + (tuple(m & same for m in args[4]),) + args[5:]
+        # made once per forward and shared by every block: attention keeps its mask for the backward pass, as a
+        # float copy of a boolean one, so per-block masks would cost L x (B, T, T) float32 (120 MB at L 30, T 1,024);
+        # -inf where masked is what attention itself turns a boolean mask into
+        pair = args[4]
+        if same is None:
+            return args[:4] + ((None, None),) + args[5:]
+        if id(pair) not in made:
+            made.clear()
+            made[id(pair)] = (pair, tuple(torch.zeros(m.shape, dtype=args[0].dtype, device=m.device)
+                                          .masked_fill_(~(m & same), float("-inf")) for m in pair))
+        return args[:4] + (made[id(pair)][1],) + args[5:]
 
     handles = [block.register_forward_pre_hook(mask_hook) for block in model.layers]
     if keep is not None:
@@ -124,11 +142,11 @@ def packed_forward(model, doc: torch.Tensor, keep: torch.Tensor | None = None):
 
 
 def batch_loss_sum(model, b: Batch) -> torch.Tensor:
-    """Summed cross entropy over the batch's target tokens."""
+    """Summed cross entropy over the batch's target tokens, a chunk of them at a time (loss.py: the (N, V) logits
+    never exist at once)."""
     keep = b.labels != IGNORE  # (B, T)
-    with packed_forward(model, b.doc, keep):
-        logits = model(b.tokens, input_pos=b.pos)  # (N, V): the target positions only
-    return F.cross_entropy(logits.float(), b.labels[keep], reduction="sum")
+    with packed_forward(model, b.doc, keep), loss_head(model.output, b.labels[keep]):
+        return model(b.tokens, input_pos=b.pos)  # the output layer sees the target positions (N, D) only
 
 
 @torch.no_grad()
@@ -159,19 +177,22 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 def prepare_model(model_path, cfg: FinetuneConfig):
     """Load the base and make the chosen parameters trainable: (LLM, trainable named parameters)."""
     from herd.api import load
+    from herd.models.lora import apply_lora
+    from herd.train.lora import is_gguf, quantize_base, quantized_base
 
-    llm = load(model_path, cfg.dtype)
+    gguf_qlora = cfg.method == "qlora" and is_gguf(model_path)
+    # QLoRA over a GGUF base: the file's own blocks as they are, no float copy of the base ever made (the tied output
+    # layer is dequantized inside the loss only, for the micro-batch at hand)
+    llm = load(model_path, cfg.dtype, keep_quantized=True) if gguf_qlora else load(model_path, cfg.dtype)
     model = llm.model
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        from herd.models.lora import apply_lora
-        from herd.train.lora import quantize_base
-
-        if cfg.method == "qlora":
-            src = llm.checkpoint
-            quantize_base(model, src.path if src.format == "gguf" else None, cfg.quant)
+        if gguf_qlora:
+            quantized_base(model)
+        elif cfg.method == "qlora":  # a float base (HF, Meta) quantized to cfg.quant
+            quantize_base(model, None, cfg.quant)
         apply_lora(model, cfg.rank, cfg.alpha, cfg.targets, cfg.dropout, seed=cfg.seed)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)

@@ -10,6 +10,26 @@ from torch import nn
 from herd.errors import ConfigError
 
 
+def is_gguf(path) -> bool:
+    """Whether a model path or catalog name is a GGUF file."""
+    from herd.formats import detect_format
+    from herd.hub import resolve
+
+    return detect_format(resolve(None if path is None else str(path))) == "gguf"
+
+
+def quantized_base(model: nn.Module) -> None:
+    """A model loaded with its GGUF blocks kept: checked to have quantized block layers, all set to float32
+    activations for training (the gradient flows through x; no int rounding of it)."""
+    from herd.quant.linear import QuantLinear
+
+    if not any(isinstance(m, QuantLinear) for m in model.layers.modules()):
+        raise ConfigError("QLoRA: no linear layer of the base is quantized (a float GGUF? use --method lora)")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.act = "f32"
+
+
 def quantize_base(model: nn.Module, gguf_path=None, scheme: str = "q4_1") -> list[str]:
     """Swap the blocks' linear layers for frozen QuantLinear layers (float32 activations, gradient to x only).
 

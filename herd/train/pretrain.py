@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from herd.errors import ConfigError
 from herd.train import dcp, parallel
 from herd.train.loop import _progress, _truncate_metrics, apply_activation_checkpointing, lr_lambda, plot_metrics
+from herd.train.loss import loss_head
 from herd.train.presets import model_config
 from herd.train.shards import Loader, TokenData
 
@@ -141,9 +141,10 @@ def config_for(cfg: PretrainConfig, vocab_size: int):
 
 
 def ce_loss(module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """(summed next-token cross entropy of inputs x (b, T) against targets y (b, T), extra sums to log: none)."""
-    logits = module(x)  # (b, T, V)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"), {}
+    """(summed next-token cross entropy of inputs x (b, T) against targets y (b, T), extra sums to log: none), a
+    chunk of positions at a time through the output layer (loss.py), inside the wrapped model's own call."""
+    with loss_head(getattr(module, "module", module).output, y):  # DDP wraps the model as .module
+        return module(x), {}
 
 
 # -- the loop ----------------------------------------------------------------------------------------------------
