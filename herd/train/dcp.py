@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -51,6 +52,19 @@ def latest(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+HOLD_ENV = "HERD_TEST_HOLD_CHECKPOINT"
+
+
+def _test_hold(tmp: Path, step: int) -> None:
+    """A test hook, inert unless HERD_TEST_HOLD_CHECKPOINT=<step>: rank 0 stops for good in the middle of writing that
+    checkpoint (every rank's DCP shards and .metadata written; trainer.pt and the rename not yet), after creating
+    tmp/HOLDING, so that a test kills -9 the run at exactly that point (tests/test_pretrain_scale.py)."""
+    if os.environ.get(HOLD_ENV) == str(step):
+        (tmp / "HOLDING").touch()
+        while True:
+            time.sleep(60)
+
+
 def save(root: str | Path, step: int, model, optimizer, trainer_state: dict, layout, keep: int = 0) -> Path:
     """Write OUT/checkpoints/step-N atomically from every rank; keep the newest `keep` (0: all)."""
     import torch.distributed.checkpoint as dcp
@@ -71,6 +85,7 @@ def save(root: str | Path, step: int, model, optimizer, trainer_state: dict, lay
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     barrier(layout)
     if layout.is_main:
+        _test_hold(tmp, step)
         torch.save(trainer_state, tmp / TRAINER)
         for f in tmp.iterdir():
             _fsync(f)
