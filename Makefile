@@ -8,7 +8,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # apt-get needs root: sudo when not root
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup model run test test-slow test-all browser bench finetune-demo vision-demo clean peers screenshots
+.PHONY: setup model run test test-slow test-all browser netns bench finetune-demo vision-demo clean peers screenshots
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ $(CHROMEDRIVER):
 
 browser: $(CHROMEDRIVER)
 
+# `ip netns` for the two-node pretraining test (tests/test_pretrain_scale.py; needs root): Debian's iproute2
+IP := /bin/ip
+$(IP):
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends iproute2
+
+netns: $(IP)
+
 setup: $(STAMP)
 
 model: $(STAMP)
@@ -50,14 +58,14 @@ SLOWEST := \
 # vision demo: ~10 minutes quiet (past its 1800 s timeout at load ~17); finetune defaults: 120 steps, minutes quiet
 STRICT := HERD_STRICT=1
 
-test: model browser
+test: model browser netns
 	$(STRICT) $(PY) -m pytest -q -m "" $(addprefix --deselect ,$(SLOWEST))
 
 test-all: test
 	$(STRICT) $(PY) -m pytest -q -m "" $(SLOWEST)
 
 # the slow marks alone (by hand)
-test-slow: model browser
+test-slow: model browser netns
 	$(STRICT) $(PY) -m pytest -q -m slow
 
 # herd vs llama.cpp's own llama-bench (built by `make peers`) on the default model: benchmarks/results/
