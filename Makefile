@@ -54,6 +54,7 @@ run: model
 SLOWEST := \
 	tests/test_vision_train.py::test_demo_schedule_reaches_the_targets \
 	tests/test_pretrain_scale.py::test_fsdp_checkpoint_reshards_with_the_same_logits[fsdp4] \
+	tests/test_pretrain.py::test_four_process_layouts \
 	tests/test_finetune_defaults.py::test_defaults_teach_the_default_model_new_facts
 # vision demo: ~10 minutes quiet (past its 1800 s timeout at load ~17); finetune defaults: 120 steps, minutes quiet
 STRICT := HERD_STRICT=1
