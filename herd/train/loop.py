@@ -116,7 +116,7 @@ def packed_forward(model, doc: torch.Tensor, keep: torch.Tensor | None = None):
         same = None
     else:
         same = doc[:, None, :, None] == doc[:, None, None, :]  # (B, 1, T, T)
-    made = {}  # id of the model's mask pair -> (that pair, the combined pair as additive float masks)
+    made: list = []  # [the model's mask pair of this forward, the combined pair as additive float masks]
 
     def mask_hook(_module, args):
         # made once per forward and shared by every block: attention keeps its mask for the backward pass, as a
@@ -125,11 +125,10 @@ def packed_forward(model, doc: torch.Tensor, keep: torch.Tensor | None = None):
         pair = args[4]
         if same is None:
             return args[:4] + ((None, None),) + args[5:]
-        if id(pair) not in made:
-            made.clear()
-            made[id(pair)] = (pair, tuple(torch.zeros(m.shape, dtype=args[0].dtype, device=m.device)
-                                          .masked_fill_(~(m & same), float("-inf")) for m in pair))
-        return args[:4] + (made[id(pair)][1],) + args[5:]
+        if not made or made[0] is not pair:
+            made[:] = [pair, tuple(torch.zeros(m.shape, dtype=args[0].dtype, device=m.device)
+                                   .masked_fill_(~(m & same), float("-inf")) for m in pair)]
+        return args[:4] + (made[1],) + args[5:]
 
     handles = [block.register_forward_pre_hook(mask_hook) for block in model.layers]
     if keep is not None:
@@ -192,7 +191,7 @@ def prepare_model(model_path, cfg: FinetuneConfig):
         if gguf_qlora:
             quantized_base(model)
         elif cfg.method == "qlora":  # a float base (HF, Meta) quantized to cfg.quant
-            quantize_base(model, None, cfg.quant)
+            quantize_base(model, cfg.quant)
         apply_lora(model, cfg.rank, cfg.alpha, cfg.targets, cfg.dropout, seed=cfg.seed)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)

@@ -25,35 +25,25 @@ def quantized_base(model: nn.Module) -> None:
 
     if not any(isinstance(m, QuantLinear) for m in model.layers.modules()):
         raise ConfigError("QLoRA: no linear layer of the base is quantized (a float GGUF? use --method lora)")
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.act = "f32"
+    _float_activations(model)
 
 
-def quantize_base(model: nn.Module, gguf_path=None, scheme: str = "q4_1") -> list[str]:
-    """Swap the blocks' linear layers for frozen QuantLinear layers (float32 activations, gradient to x only).
+def quantize_base(model: nn.Module, scheme: str = "q4_1") -> list[str]:
+    """Swap a float base's (HF, Meta) block linear layers for frozen QuantLinear layers quantized to `scheme`
+    (float32 activations, gradient to x only); embedding, norms and output layer stay float. A GGUF base keeps its
+    own blocks instead: load it with keep_quantized=True and call quantized_base."""
+    from herd.quant.model import quantize_model
 
-    With a GGUF file, its own quantized blocks are used as they are (no re-quantization); otherwise (an HF or Meta
-    float base) the weights are quantized to `scheme`. Embedding, norms and output layer stay float.
-    """
-    from herd.quant.linear import QuantLinear
-    from herd.quant.model import load_quantized_linears, quantize_model
-
-    if gguf_path is not None:
-        from herd.formats.gguf import gguf_to_herd_name, read_gguf
-
-        g = read_gguf(gguf_path)
-        blocks = {}
-        for gname, t in g.tensors.items():
-            name = gguf_to_herd_name(gname, g.architecture)
-            if name and name.startswith("layers.") and len(t.shape) == 2 and t.is_quantized:
-                blocks[name] = (t.data, t.ggml_type, t.shape)
-        swapped = load_quantized_linears(model, blocks, act="f32")
-    else:
-        swapped = quantize_model(model, scheme, include=r"^layers\.", act="f32")
+    swapped = quantize_model(model, scheme, include=r"^layers\.", act="f32")
     if not swapped:
         raise ConfigError("QLoRA: no linear layer of the base could be quantized (a float GGUF? use --method lora)")
+    _float_activations(model)
+    return swapped
+
+
+def _float_activations(model: nn.Module) -> None:
+    from herd.quant.linear import QuantLinear
+
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.act = "f32"  # training: float activations (no int8 rounding of x)
-    return swapped
