@@ -176,9 +176,12 @@ def test_bad_input_fails_before_work(runs, data, tmp_path):
     with pytest.raises(ConfigError, match="another model shape: dim 64 .checkpoint. vs 128"):
         pretrain(data, tmp_path / "x", resume_from=dcp.latest(runs("ddp") / "checkpoints"),
                  model_config=str(shape), **ARGS)
-    res = _torchrun(2, "pretrain", data, tmp_path / "y", "--batch-size", 3)  # every rank refuses, nothing written
+    # every rank refuses before any work and nothing is written; torchrun stops the other rank as soon as one
+    # exits, so the second may be killed before it prints its own line
+    res = _torchrun(2, "pretrain", data, tmp_path / "y", "--batch-size", 3)
     assert res.returncode != 0
-    assert res.stderr.count("herd: error: --batch-size 3 (global sequences per step) is not divisible") == 2
+    assert res.stderr.count("herd: error: --batch-size 3 (global sequences per step) is not divisible") in (1, 2)
+    assert "Traceback" not in res.stderr.split("elastic")[0]  # a worker never tracebacks
     assert not (tmp_path / "y").exists()
 
 
