@@ -156,13 +156,40 @@ def test_every_row_count_takes_a_correct_path(m, isa, lib):
         for act, xr in (("f32", x), ("int8", L.fake_quantize_activations(x, 8)),
                         ("int16", L.fake_quantize_activations(x, 16))):
             ref = xr.double() @ w.double().T
-            for gemm_min_rows in (2, 1000):
-                old = lib.herd_q_set_gemm_min_rows(gemm_min_rows)
+            for gemm_min_rows, gemv in ((2, 1), (1000, 1), (1000, 0)):
+                old, old_gemv = lib.herd_q_set_gemm_min_rows(gemm_min_rows), lib.herd_q_set_gemv(gemv)
                 try:
                     y = L.quant_matmul(x, torch.from_numpy(raw), GGML_TYPES[name][0], n, act, isa=isa)
                 finally:
                     lib.herd_q_set_gemm_min_rows(old)
-                assert rel_err(y, ref) < TOL, (name, act, m, isa, gemm_min_rows)
+                    lib.herd_q_set_gemv(old_gemv)
+                assert rel_err(y, ref) < TOL, (name, act, m, isa, gemm_min_rows, gemv)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_one_row_has_the_gemm_bits(name, lib):
+    """AVX-512, integer activations: a row alone (the fused one-row kernel) gets the same bits as in a GEMM batch
+    of any size, on 1 and 2 threads, so the engine's decode step needs no padding row for batch invariance; and
+    the decode kernel it replaced agrees within the tolerance."""
+    if 2 not in ISAS:  # an AVX2 machine: rows alone take the decode kernels, and the engine pads (row_granule)
+        assert native.best_isa() < 2
+        return
+    _, qk, _ = GGML_TYPES[name]
+    tid, n, k = GGML_TYPES[name][0], 53, 3 * qk  # 53: three 16-row tiles and a part one
+    raw = torch.from_numpy(random_blocks(name, n, k, seed=11))
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(3)) * torch.logspace(-2, 1, k)
+    for act in ("int8", "int16"):
+        for threads in (1, 2):
+            batch = L.quant_matmul(x, raw, tid, n, act, threads=threads, isa=2)
+            for i in range(9):
+                alone = L.quant_matmul(x[i:i + 1], raw, tid, n, act, threads=threads, isa=2)
+                assert torch.equal(alone[0], batch[i]), (name, act, threads, i)
+        old = lib.herd_q_set_gemv(0)
+        try:
+            dec = L.quant_matmul(x[:1], raw, tid, n, act, isa=2)
+        finally:
+            lib.herd_q_set_gemv(old)
+        assert rel_err(dec, batch[:1].double()) < TOL, (name, act)
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)

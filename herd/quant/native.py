@@ -37,7 +37,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("herd_quant.c", "herd_decode.c")
 HEADERS = ("herd_quant.h", "hq_formats.h")
 PACKAGE_DIR = Path(__file__).resolve().parent / "_native"
-ABI_VERSION = 4  # must equal HQ_ABI_VERSION in herd_quant.c
+ABI_VERSION = 5  # must equal HQ_ABI_VERSION in herd_quant.c
 
 BASE_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno", "-Wall"]
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
@@ -185,6 +185,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "herd_q_abi_version": ([], I),
         "herd_q_best_isa": ([], I),
         "herd_q_set_gemm_min_rows": ([I], I),
+        "herd_q_set_gemv": ([I], I),
         "herd_q_block_elems": ([I], I),
         "herd_q_block_bytes": ([I], I),
         "herd_q_matmul": ([P, I64, I64, P, I, I64, P, I, I, I], I),

@@ -7,7 +7,8 @@
  *      1 or 4 activation rows (everything on AVX2; float mode and single-row int8 / int16 on AVX-512), with
  *      software prefetch of the weight stream
  *   4. AVX-512 VNNI GEMM for 2+ activation rows (int8: vpdpbusd, int16: vpdpwssd): 16 weight rows repacked
- *      to 8-bit tiles, lanes = rows
+ *      to 8-bit tiles, lanes = rows; and its one-row form (a decode step), the tiles kept in registers, with the
+ *      same arithmetic per output, so that a row's bits do not depend on how many rows share the call
  *   5. dequantization, the C API and threading (OpenMP, sharing the process's libgomp with torch)
  * Build: gcc -O3 -march=native -fopenmp -shared -fPIC herd_quant.c (see herd/quant/native.py).
  */
@@ -19,10 +20,13 @@
 #include <omp.h>
 #endif
 
-#define HQ_ABI_VERSION 4
+#define HQ_ABI_VERSION 5
 /* AVX-512 int8 / int16 paths: from this many activation rows on, use the tiled GEMM (measured crossover: 2;
  * tunable for tests and benchmarks) */
 static int hq_gemm_min_rows = 2;
+/* AVX-512 int8 / int16 paths, one activation row: 1 = hq_gemv_int (the GEMM's arithmetic, so a row's bits do not
+ * depend on the batch), 0 = the decode kernels (kept for AVX2 builds; tests compare the two) */
+static int hq_gemv = 1;
 
 /* =====================================================================================================
  * 1. Job and activations
@@ -686,6 +690,151 @@ HQ_ALWAYS_INLINE void hq_gemm_int(const hq_job *J, int64_t r0, int64_t r1, const
     }
     free(pu); free(ps); free(pm);
 }
+
+#ifdef __AVX512BITALG__
+#define HQ_BITALG 1
+#else /* without vpshufbitqmb, Q5_0 / Q5_1 unpack row by row (hq_group_u8) */
+#define HQ_BITALG 0
+#define _mm512_bitshuffle_epi64_mask(b, c) ((__mmask64)0)
+#endif
+/* bitshuffle selector for quad qd of a Q5_0 / Q5_1 tile: a qword holds two rows' qh (bits 0..31, 32..63); its
+ * bytes 0..3 take bits 4 qd + j of the first row, bytes 4..7 those of the second */
+HQ_ALWAYS_INLINE uint64_t hq_q5_sel(int qd) {
+    uint64_t c = 0;
+    for (int j = 0; j < 4; j++) c |= (uint64_t)(4 * qd + j) << (8 * j) | (uint64_t)(32 + 4 * qd + j) << (8 * (j + 4));
+    return c;
+}
+
+/* 32 bytes at p of each of nr <= 16 rows (row stride 'stride'), transposed: z[q] holds bytes 4q .. 4q + 3 of rows
+ * 0..15 (lane = row); missing rows are zero */
+HQ_ALWAYS_INLINE void hq_load16x32(const uint8_t *p, int64_t stride, int nr, __m512i *z) {
+    for (int j = 0; j < 8; j++) {
+        __m256i u0 = j < nr ? _mm256_loadu_si256((const __m256i *)(p + j * stride)) : _mm256_setzero_si256();
+        __m256i u1 = j + 8 < nr ? _mm256_loadu_si256((const __m256i *)(p + (j + 8) * stride)) : _mm256_setzero_si256();
+        z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(u0), u1, 1);
+    }
+    hq_transpose16x8(z);
+}
+
+/* One activation row (a decode step) with the GEMM's arithmetic, the packing fused into the dot products: each
+ * tile's transposed groups stay in registers instead of going through the packed buffer, and its scales through a
+ * small table per block (gathered per group). Per output the float operations are hq_gemm_micro's with MR = 1, in the same order (the int32
+ * dot of a group is exact whatever its order), so a row gets the same bits alone as in any GEMM batch: the decode
+ * step needs no padding row for batch invariance. */
+HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const int type, const int wide) {
+    const int QK = hq_block_elems(type), BS = hq_block_bytes(type), G = QK / 32, sgn = type == HQ_Q8_0;
+    const int ktab = G > 1, split = type == HQ_Q6_K, nib = type == HQ_Q4_0 || type == HQ_Q4_1;
+    const int q5 = HQ_BITALG && (type == HQ_Q5_0 || type == HQ_Q5_1), kq = type == HQ_Q4_K || type == HQ_Q5_K;
+    __m512i kraw[8], khi[8];
+    const int64_t nb = J->k / QK, tile_bytes = HQ_NR * J->rowbytes, end = J->n * J->rowbytes;
+    const int64_t pf_bytes = (tile_bytes + nb - 1) / nb; /* the tile HQ_PF_TILES on, spread over the blocks */
+    const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)J->rowbytes));
+    const __m512i sel_lo = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -128, 1, -128, 4, -128, 5, -128,
+                                                                 8, -128, 9, -128, 12, -128, 13, -128));
+    const __m512i sel_hi = _mm512_broadcast_i32x4(_mm_setr_epi8(2, -128, 3, -128, 6, -128, 7, -128,
+                                                                 10, -128, 11, -128, 14, -128, 15, -128));
+    float tab[HQ_NR][16];
+    const __m512i tab_rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(16)), one = _mm512_set1_epi32(1);
+    hq_prefetch_span(J->w + r0 * J->rowbytes,
+                     ((r0 + HQ_PF_TILES * HQ_NR < r1 ? r0 + HQ_PF_TILES * HQ_NR : r1) - r0) * J->rowbytes);
+    for (int64_t c0 = r0; c0 < r1; c0 += HQ_NR) {
+        const int nr = (int)(r1 - c0 < HQ_NR ? r1 - c0 : HQ_NR);
+        const __mmask16 rows = (__mmask16)((1u << nr) - 1u);
+        const uint8_t *tile = J->w + c0 * J->rowbytes;
+        const int64_t pf0 = (c0 + HQ_PF_TILES * HQ_NR) * J->rowbytes;
+        __m512 accf = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *base = tile + b * BS;
+            if (pf0 + (b + 1) * pf_bytes <= end) hq_prefetch_span(J->w + pf0 + b * pf_bytes, pf_bytes);
+            __m512 sv = _mm512_setzero_ps(), mv = sv, sv_hi = sv, mv_hi = sv;
+            if (ktab) {
+                for (int rr = 0; rr < nr; rr++) hq_kblock_tab(type, base + rr * J->rowbytes, tab[rr]);
+            } else {
+                __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, offs, base, 1);
+                sv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+                switch (type) {
+                case HQ_Q4_1: case HQ_Q5_1: mv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))); break;
+                case HQ_Q4_0: mv = _mm512_mul_ps(sv, _mm512_set1_ps(-8.0f)); break;
+                case HQ_Q5_0: mv = _mm512_mul_ps(sv, _mm512_set1_ps(-16.0f)); break;
+                default: mv = _mm512_mul_ps(sv, _mm512_set1_ps(-128.0f));
+                }
+            }
+            for (int g = 0; g < G; g++) {
+                const int64_t gi = b * G + g;
+                const float *a = J->ad + gi * 4;
+                if (ktab) { /* column 2g / 2g + 1 of the 16 rows' tables; the missing rows zero */
+                    const __m512i col = _mm512_add_epi32(tab_rows, _mm512_set1_epi32(2 * g));
+                    sv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rows, col, &tab[0][0], 4);
+                    mv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rows, _mm512_add_epi32(col, one), &tab[0][0], 4);
+                    if (split) { /* (da, db): offsets -32 da, -32 db */
+                        sv_hi = mv;
+                        mv_hi = _mm512_mul_ps(sv_hi, _mm512_set1_ps(-32.0f));
+                        mv = _mm512_mul_ps(sv, _mm512_set1_ps(-32.0f));
+                    }
+                }
+                __m512i z[8];
+                if (nib || q5) {
+                    hq_pack_nibbles16(base + (type == HQ_Q4_0 ? 2 : type == HQ_Q4_1 ? 4 : type == HQ_Q5_0 ? 6 : 8),
+                                      J->rowbytes, nr, z);
+                    if (q5) { /* bit e of the rows' 32-bit qh is element e's fifth bit: byte j of quad qd is 4 qd + j */
+                        const __m512i qh = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, offs,
+                                                                       base + (type == HQ_Q5_0 ? 2 : 4), 1);
+                        for (int qd = 0; qd < 8; qd++) {
+                            const __mmask64 hi = _mm512_bitshuffle_epi64_mask(
+                                qh, _mm512_set1_epi64((long long)hq_q5_sel(qd)));
+                            z[qd] = _mm512_mask_add_epi8(z[qd], hi, z[qd], _mm512_set1_epi8(0x10));
+                        }
+                    }
+                } else if (kq) { /* Q4_K / Q5_K: groups 2j and 2j + 1 are the low and high nibbles of one 32 bytes */
+                    if (!(g & 1)) hq_load16x32(base + 16 + (type == HQ_Q5_K ? 32 : 0) + 32 * (g / 2), J->rowbytes, nr,
+                                               kraw);
+                    const __m512i m4 = _mm512_set1_epi8(0x0F);
+                    for (int qd = 0; qd < 8; qd++)
+                        z[qd] = _mm512_and_si512(g & 1 ? _mm512_srli_epi16(kraw[qd], 4) : kraw[qd], m4);
+                    if (type == HQ_Q5_K) { /* bit g of qh's byte e is element e's fifth bit */
+                        if (g == 0) hq_load16x32(base + 16, J->rowbytes, nr, khi);
+                        for (int qd = 0; qd < 8; qd++)
+                            z[qd] = _mm512_or_si512(z[qd], _mm512_slli_epi16(
+                                _mm512_and_si512(_mm512_srli_epi16(khi[qd], g), _mm512_set1_epi8(1)), 4));
+                    }
+                } else {
+                    for (int j = 0; j < 8; j++) {
+                        __m256i u0 = j < nr ? hq_group_u8(type, base + j * J->rowbytes, g) : _mm256_setzero_si256();
+                        __m256i u1 = j + 8 < nr ? hq_group_u8(type, base + (j + 8) * J->rowbytes, g)
+                                                : _mm256_setzero_si256();
+                        z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(u0), u1, 1);
+                    }
+                    hq_transpose16x8(z);
+                }
+                __m512i acci = _mm512_setzero_si512();
+#pragma GCC unroll 8
+                for (int qd = 0; qd < 8; qd++) {
+                    __m512i wv = z[qd];
+                    if (sgn) wv = _mm512_maskz_xor_epi32(rows, wv, _mm512_set1_epi8((char)0x80));
+                    if (wide) {
+                        const int16_t *xp = J->q16 + gi * 32 + qd * 4;
+                        acci = _mm512_dpwssd_epi32(acci, _mm512_shuffle_epi8(wv, sel_lo), hq_bcast32(xp));
+                        acci = _mm512_dpwssd_epi32(acci, _mm512_shuffle_epi8(wv, sel_hi), hq_bcast32(xp + 2));
+                    } else {
+                        acci = _mm512_dpbusd_epi32(acci, wv, hq_bcast32(J->q + gi * 32 + qd * 4));
+                    }
+                    if (split && qd == 3) {
+                        accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf);
+                        accf = _mm512_fmadd_ps(mv, _mm512_set1_ps(a[2]), accf);
+                        acci = _mm512_setzero_si512();
+                        sv = sv_hi;
+                        mv = mv_hi;
+                    }
+                }
+                accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf);
+                accf = _mm512_fmadd_ps(mv, _mm512_set1_ps(split ? a[3] : a[1]), accf);
+            }
+        }
+        _mm512_mask_storeu_ps(J->y + c0, rows, accf);
+    }
+}
 #endif /* HQ_HAVE_AVX512 */
 
 /* =====================================================================================================
@@ -694,7 +843,7 @@ HQ_ALWAYS_INLINE void hq_gemm_int(const hq_job *J, int64_t r0, int64_t r1, const
 typedef void (*hq_kernel)(const hq_job *, int64_t, int64_t);
 
 /* kernel kinds, per instruction set and type */
-enum { HQ_K_DEC_I8, HQ_K_DEC_F32, HQ_K_GEMM_I8, HQ_K_DEC_I16, HQ_K_GEMM_I16, HQ_K_KINDS };
+enum { HQ_K_DEC_I8, HQ_K_DEC_F32, HQ_K_GEMM_I8, HQ_K_DEC_I16, HQ_K_GEMM_I16, HQ_K_GEMV_I8, HQ_K_GEMV_I16, HQ_K_KINDS };
 /* Q2_K, Q3_K, IQ4_NL and IQ4_XS have no SIMD kernels yet: hq_pick returns 0 for them and herd_q_matmul runs
  * hq_rows_scalar (exact unpacking through hq_formats.h, the loops left to the compiler's vectorizer). */
 #define HQ_NTYPES 8
@@ -715,7 +864,7 @@ static int hq_type_index(int type) {
     static void hq_avx2_i16_##T(const hq_job *J, int64_t a, int64_t b) { hq_dec_int(J, a, b, T, 0, 1); }
 HQ_FOR_TYPES(HQ_DEF_AVX2)
 static const hq_kernel hq_avx2_table[HQ_K_KINDS][HQ_NTYPES] = {
-    HQ_NAMES(hq_avx2_i8_), HQ_NAMES(hq_avx2_f32_), {0}, HQ_NAMES(hq_avx2_i16_), {0}};
+    HQ_NAMES(hq_avx2_i8_), HQ_NAMES(hq_avx2_f32_), {0}, HQ_NAMES(hq_avx2_i16_), {0}, {0}, {0}};
 #endif
 #ifdef HQ_HAVE_AVX512
 #define HQ_DEF_AVX512(T)                                                                                      \
@@ -723,11 +872,13 @@ static const hq_kernel hq_avx2_table[HQ_K_KINDS][HQ_NTYPES] = {
     static void hq_avx512_f32_##T(const hq_job *J, int64_t a, int64_t b) { hq_dec_f32_avx512(J, a, b, T); }    \
     static void hq_avx512_gi8_##T(const hq_job *J, int64_t a, int64_t b) { hq_gemm_int(J, a, b, T, 0); }       \
     static void hq_avx512_i16_##T(const hq_job *J, int64_t a, int64_t b) { hq_dec_int(J, a, b, T, 1, 1); }     \
-    static void hq_avx512_gi16_##T(const hq_job *J, int64_t a, int64_t b) { hq_gemm_int(J, a, b, T, 1); }
+    static void hq_avx512_gi16_##T(const hq_job *J, int64_t a, int64_t b) { hq_gemm_int(J, a, b, T, 1); }      \
+    static void hq_avx512_vi8_##T(const hq_job *J, int64_t a, int64_t b) { hq_gemv_int(J, a, b, T, 0); }       \
+    static void hq_avx512_vi16_##T(const hq_job *J, int64_t a, int64_t b) { hq_gemv_int(J, a, b, T, 1); }
 HQ_FOR_TYPES(HQ_DEF_AVX512)
 static const hq_kernel hq_avx512_table[HQ_K_KINDS][HQ_NTYPES] = {
     HQ_NAMES(hq_avx512_i8_), HQ_NAMES(hq_avx512_f32_), HQ_NAMES(hq_avx512_gi8_), HQ_NAMES(hq_avx512_i16_),
-    HQ_NAMES(hq_avx512_gi16_)};
+    HQ_NAMES(hq_avx512_gi16_), HQ_NAMES(hq_avx512_vi8_), HQ_NAMES(hq_avx512_vi16_)};
 #endif
 
 static hq_kernel hq_pick(int isa, int kind, int type) {
@@ -747,6 +898,11 @@ int herd_q_abi_version(void) { return HQ_ABI_VERSION; }
 int herd_q_set_gemm_min_rows(int m) {
     int old = hq_gemm_min_rows;
     if (m > 0) hq_gemm_min_rows = m;
+    return old;
+}
+int herd_q_set_gemv(int on) {
+    int old = hq_gemv;
+    if (on >= 0) hq_gemv = on != 0;
     return old;
 }
 int herd_q_best_isa(void) {
@@ -826,6 +982,9 @@ int herd_q_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int ty
         align = 4; /* the decode kernels take 4 (AVX-512) or 2 (AVX2) weight rows per pass */
         if (isa == 2 && mode != HQ_MODE_F32 && m >= hq_gemm_min_rows) {
             kind = mode == HQ_MODE_I8 ? HQ_K_GEMM_I8 : HQ_K_GEMM_I16;
+            align = 16;
+        } else if (isa == 2 && mode != HQ_MODE_F32 && m == 1 && hq_gemv) {
+            kind = mode == HQ_MODE_I8 ? HQ_K_GEMV_I8 : HQ_K_GEMV_I16;
             align = 16;
         }
         kern = hq_pick(isa, kind, type);
