@@ -717,26 +717,24 @@ HQ_ALWAYS_INLINE void hq_load16x32(const uint8_t *p, int64_t stride, int nr, __m
 }
 
 /* One activation row (a decode step) with the GEMM's arithmetic, the packing fused into the dot products: each
- * tile's transposed groups stay in registers instead of going through the packed buffer, and its scales through a
- * small table per block (gathered per group). Per output the float operations are hq_gemm_micro's with MR = 1, in the same order (the int32
- * dot of a group is exact whatever its order), so a row gets the same bits alone as in any GEMM batch: the decode
- * step needs no padding row for batch invariance. */
+ * tile's transposed groups stay in registers instead of going through the packed buffer, and the K-quants' scales
+ * are computed for the 16 rows at once from a few gathered words per block. Per output the float operations are
+ * hq_gemm_micro's with MR = 1, in the same order (the int32 dot of a group is exact whatever its order), so a row
+ * gets the same bits alone as in any GEMM batch: the decode step needs no padding row for batch invariance. The
+ * next tile is prefetched spread over the groups. */
 HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const int type, const int wide) {
     const int QK = hq_block_elems(type), BS = hq_block_bytes(type), G = QK / 32, sgn = type == HQ_Q8_0;
     const int ktab = G > 1, split = type == HQ_Q6_K, nib = type == HQ_Q4_0 || type == HQ_Q4_1;
     const int q5 = HQ_BITALG && (type == HQ_Q5_0 || type == HQ_Q5_1), kq = type == HQ_Q4_K || type == HQ_Q5_K;
     __m512i kraw[8], khi[8];
     const int64_t nb = J->k / QK, tile_bytes = HQ_NR * J->rowbytes, end = J->n * J->rowbytes;
-    const int64_t pf_bytes = (tile_bytes + nb - 1) / nb; /* the tile HQ_PF_TILES on, spread over the blocks */
+    const int64_t pf_bytes = (tile_bytes + nb * G - 1) / (nb * G); /* the tile HQ_PF_TILES on, over the groups */
     const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32((int)J->rowbytes));
     const __m512i sel_lo = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -128, 1, -128, 4, -128, 5, -128,
                                                                  8, -128, 9, -128, 12, -128, 13, -128));
     const __m512i sel_hi = _mm512_broadcast_i32x4(_mm_setr_epi8(2, -128, 3, -128, 6, -128, 7, -128,
                                                                  10, -128, 11, -128, 14, -128, 15, -128));
-    float tab[HQ_NR][16];
-    const __m512i tab_rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32(16)), one = _mm512_set1_epi32(1);
     hq_prefetch_span(J->w + r0 * J->rowbytes,
                      ((r0 + HQ_PF_TILES * HQ_NR < r1 ? r0 + HQ_PF_TILES * HQ_NR : r1) - r0) * J->rowbytes);
     for (int64_t c0 = r0; c0 < r1; c0 += HQ_NR) {
@@ -747,10 +745,20 @@ HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const
         __m512 accf = _mm512_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *base = tile + b * BS;
-            if (pf0 + (b + 1) * pf_bytes <= end) hq_prefetch_span(J->w + pf0 + b * pf_bytes, pf_bytes);
-            __m512 sv = _mm512_setzero_ps(), mv = sv, sv_hi = sv, mv_hi = sv;
-            if (ktab) {
-                for (int rr = 0; rr < nr; rr++) hq_kblock_tab(type, base + rr * J->rowbytes, tab[rr]);
+            __m512 sv = _mm512_setzero_ps(), mv = sv, sv_hi = sv, mv_hi = sv, kd = sv, kdm = sv;
+            __m512i kw[4];
+            if (ktab) { /* the 16 rows' scale words, lane = row (hq_kblock_tab's values, computed per group below) */
+                const __m512i z0 = _mm512_setzero_si512();
+                if (type == HQ_Q6_K) {
+                    for (int j = 0; j < 4; j++) kw[j] = _mm512_mask_i32gather_epi32(z0, rows, offs, base + 192 + 4 * j, 1);
+                    kd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(
+                        _mm512_mask_i32gather_epi32(z0, rows, offs, base + 206, 1), 16))); /* d: bytes 208..209 */
+                } else {
+                    const __m512i h = _mm512_mask_i32gather_epi32(z0, rows, offs, base, 1);
+                    kd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+                    kdm = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))));
+                    for (int j = 0; j < 3; j++) kw[j] = _mm512_mask_i32gather_epi32(z0, rows, offs, base + 4 + 4 * j, 1);
+                }
             } else {
                 __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, offs, base, 1);
                 sv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
@@ -764,15 +772,29 @@ HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const
             for (int g = 0; g < G; g++) {
                 const int64_t gi = b * G + g;
                 const float *a = J->ad + gi * 4;
-                if (ktab) { /* column 2g / 2g + 1 of the 16 rows' tables; the missing rows zero */
-                    const __m512i col = _mm512_add_epi32(tab_rows, _mm512_set1_epi32(2 * g));
-                    sv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rows, col, &tab[0][0], 4);
-                    mv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rows, _mm512_add_epi32(col, one), &tab[0][0], 4);
-                    if (split) { /* (da, db): offsets -32 da, -32 db */
-                        sv_hi = mv;
-                        mv_hi = _mm512_mul_ps(sv_hi, _mm512_set1_ps(-32.0f));
-                        mv = _mm512_mul_ps(sv, _mm512_set1_ps(-32.0f));
+                if (pf0 + (gi + 1) * pf_bytes <= end) hq_prefetch_span(J->w + pf0 + gi * pf_bytes, pf_bytes);
+                if (ktab && split) { /* Q6_K: int8 scales 2g, 2g + 1 times d; offsets -32 da, -32 db */
+                    const __m512i w = kw[g / 2];
+                    const int sh = 16 * (g & 1);
+                    sv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 24 - sh), 24)), kd);
+                    sv_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 16 - sh), 24)), kd);
+                    mv = _mm512_mul_ps(sv, _mm512_set1_ps(-32.0f));
+                    mv_hi = _mm512_mul_ps(sv_hi, _mm512_set1_ps(-32.0f));
+                } else if (ktab) { /* Q4_K / Q5_K: 6-bit scale and min of group g (hq_k_scale_min) */
+                    const __m512i m6 = _mm512_set1_epi32(63), m4 = _mm512_set1_epi32(15), m2 = _mm512_set1_epi32(3);
+                    __m512i sc, mn;
+                    if (g < 4) {
+                        sc = _mm512_and_si512(_mm512_srli_epi32(kw[0], 8 * g), m6);
+                        mn = _mm512_and_si512(_mm512_srli_epi32(kw[1], 8 * g), m6);
+                    } else {
+                        const int j = 8 * (g - 4);
+                        sc = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(kw[2], j), m4),
+                                             _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(kw[0], j + 6), m2), 4));
+                        mn = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(kw[2], j + 4), m4),
+                                             _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(kw[1], j + 6), m2), 4));
                     }
+                    sv = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), kd);
+                    mv = _mm512_mul_ps(_mm512_cvtepi32_ps(mn), kdm);
                 }
                 __m512i z[8];
                 if (nib || q5) {
