@@ -169,8 +169,9 @@ def speculation(llm: LLM, method: str, draft_model: str | None = None, draft_tok
     """A Speculation for llm's model (herd/engine/speculate.py): method "ngram" (prompt lookup) or "draft" with
     draft_model = a checkpoint or catalog name sharing the vocabulary, or "prune:N" (the target's first N // 2 and
     last N - N // 2 blocks, sharing its weights). On the native quantized path a single sequence's verifying rows
-    run through the kernels' one-row path, so its greedy output equals plain decoding's bit for bit (the Engine's
-    padded rows agree without it); `spec.exact_rows = None` trades that for the multi-row kernel's speed."""
+    carry the one-row step's bits, so its greedy output equals plain decoding's bit for bit: on AVX-512 the one-row
+    kernel has the GEMM's arithmetic and nothing is needed; elsewhere `spec.exact_rows` keeps the verifying rows on
+    the one-row kernels (`spec.exact_rows = None` trades that for the multi-row kernel's speed)."""
     from herd.engine.speculate import Speculation, prune_layers
 
     draft = None
@@ -195,26 +196,28 @@ def speculation(llm: LLM, method: str, draft_model: str | None = None, draft_tok
 
 def _one_row_kernels(model):
     """For a model on the native decode step: a context under which herd's kernels give every activation row the
-    bits a one-row call gives (the integer-mode GEMM kernel, taken from 2 rows on, sums in another order), so that
-    verification rows equal plain decode steps. None for other models."""
+    bits a one-row call gives, so that verification rows equal plain decode steps. Where the one-row kernel has the
+    GEMM's arithmetic (AVX-512, integer activations: herd_q_set_gemv) every row already has those bits and this is
+    None; elsewhere (the decode kernels, whose one-row and multi-row passes differ from the GEMM) the context keeps
+    the multi-row calls off the GEMM. None for models off the native step."""
     from contextlib import contextmanager
 
+    from herd.quant import native
     from herd.quant.decode import NativeDecodeStep
 
     if not isinstance(getattr(model, "decode_step", None), NativeDecodeStep):
         return None
+    lib = native.load()
+    if lib is None or (native.best_isa() == 2 and lib.herd_q_set_gemv(-1) == 1):
+        return None
 
     @contextmanager
     def one_row():
-        from herd.quant import native
-
-        lib = native.load()
-        old = lib.herd_q_set_gemm_min_rows(1 << 30) if lib is not None else None
+        old = lib.herd_q_set_gemm_min_rows(1 << 30)
         try:
             yield
         finally:
-            if old is not None:
-                lib.herd_q_set_gemm_min_rows(old)
+            lib.herd_q_set_gemm_min_rows(old)
 
     return one_row
 

@@ -58,13 +58,15 @@ def test_greedy_equals_plain_decoding_batch_1(llm):
     output, n-gram and a pruned draft (first 2 and last 2 of 30 layers), 8 prompts."""
     from herd.api import speculation
 
-    params = SamplingParams(max_tokens=12)
+    params = SamplingParams(max_tokens=12, logprobs=0)
     for method, draft in (("ngram", None), ("draft", "prune:4")):
         spec = speculation(llm, method, draft, 4)
         for p in _prompts(llm, 8):
-            plain = generate_batch(llm.model, [p], params, stop_ids=llm.stop_ids)[0].output_ids
-            got = generate_batch(llm.model, [p], params, stop_ids=llm.stop_ids, speculation=spec)[0].output_ids
-            assert got == plain, (method, p)
+            plain = generate_batch(llm.model, [p], params, stop_ids=llm.stop_ids)[0]
+            got = generate_batch(llm.model, [p], params, stop_ids=llm.stop_ids, speculation=spec)[0]
+            assert got.output_ids == plain.output_ids, (method, p)
+            # the verifying rows carry the plain step's bits: every chosen token's logprob is the same float
+            assert [lp.logprob for lp in got.logprobs] == [lp.logprob for lp in plain.logprobs], (method, p)
         assert spec.stats["drafted"] > 0
         if method == "ngram":
             assert spec.stats["accepted"] > 5, spec.stats

@@ -11,14 +11,14 @@ attends there.
 Acceptance. Greedy: d_j is kept while it equals the target's argmax (with the repetition penalty over the history
 so far, as pick_token), then the target's own token follows; so greedy output is plain greedy output, provided the
 verification rows carry the one-token step's bits. They do by construction: the rows are one-token rows of the
-decode step, not a multi-token forward. BatchRun's plain step runs one row through the native kernels' one-row path,
-so its verification runs every row through that path too (`Speculation.exact_rows`, attached by herd.api); the
-Engine's native step pads every call to its kernels' row granule, plain or verifying, so its rows agree anyway.
-With several sequences BatchRun's plain output already depends on the batch (one live row takes the one-row path,
-two or more the multi-row GEMM, whose rows are batch-invariant), so speculation there keeps the GEMM's speed and
-bits: its greedy tokens equal plain batched decoding's up to near-ties of the two paths' rounding (top-two logits
-within ~3e-3 on the default model). The one-row path costs ~0.35 of a step per extra row on the default model
-(the GEMM ~0.1): `exact_rows=None` trades the batch-1 bit-identity for that speed.
+decode step, not a multi-token forward. On AVX-512 the native kernels give a row the same bits alone (one-row
+kernel) as in any multi-row call (GEMM), so BatchRun's and the Engine's verification rows equal plain steps as
+they are. Where the one-row path has other arithmetic (the decode kernels of AVX2 builds), BatchRun's verification
+runs every row through it (`Speculation.exact_rows`, attached by herd.api; ~0.35 of a step per extra row on the
+default model, against ~0.1 for the GEMM; `exact_rows=None` trades the batch-1 bit-identity for that speed), and
+the Engine pads every call to its kernels' row granule, plain or verifying, so its rows agree anyway. With several
+sequences BatchRun's plain output there depends on the batch, so speculation keeps the multi-row path's speed and
+bits: greedy tokens equal plain batched decoding's up to near-ties of the two paths' rounding.
 Sampling: the standard rule (Leviathan et al. 2023; Chen et al. 2023): keep d_j with probability min(1, p(d_j) /
 q(d_j)), else draw from norm(max(0, p - q)) and stop; all kept: one more token from p. p is the target's
 distribution after temperature / top-k / top-p / min-p / repetition penalty, q the drafter's (one-hot for prompt
