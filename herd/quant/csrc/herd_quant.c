@@ -530,6 +530,30 @@ HQ_ALWAYS_INLINE void hq_pack_nibbles16(const uint8_t *qs, int64_t stride, int n
     }
 }
 
+/* Formats with one group per block: the fp16 d (and m) of 16 rows' blocks at base (row stride in offs), gathered at
+ * once; missing rows are zero. */
+HQ_ALWAYS_INLINE void hq_tile_dm(int type, const uint8_t *base, __m512i offs, __mmask16 rows, __m512 *d, __m512 *m) {
+    const __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, offs, base, 1);
+    *d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+    switch (type) {
+    case HQ_Q4_1: case HQ_Q5_1: *m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))); break;
+    case HQ_Q4_0: *m = _mm512_mul_ps(*d, _mm512_set1_ps(-8.0f)); break;
+    case HQ_Q5_0: *m = _mm512_mul_ps(*d, _mm512_set1_ps(-16.0f)); break;
+    default: *m = _mm512_mul_ps(*d, _mm512_set1_ps(-128.0f)); /* Q8_0 stored as q + 128 */
+    }
+}
+
+/* Group g of nr <= 16 rows' blocks at base, unpacked row by row (hq_group_u8) and transposed: z[q] holds elements
+ * 4q .. 4q + 3 of rows 0..15 (lane = row); missing rows are zero. */
+HQ_ALWAYS_INLINE void hq_tile_group_u8(int type, const uint8_t *base, int64_t stride, int nr, int g, __m512i *z) {
+    for (int j = 0; j < 8; j++) {
+        __m256i u0 = j < nr ? hq_group_u8(type, base + j * stride, g) : _mm256_setzero_si256();
+        __m256i u1 = j + 8 < nr ? hq_group_u8(type, base + (j + 8) * stride, g) : _mm256_setzero_si256();
+        z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(u0), u1, 1);
+    }
+    hq_transpose16x8(z);
+}
+
 /* Unpack blocks [b0, b1) of weight rows [r0, r0 + nr) (nr <= 16) into pu [group][8][16][4], ps [group][2][16]
  * (scales of the two halves; the second only for Q6_K) and pm [group][2][16] (offsets); missing rows are zero. */
 HQ_ALWAYS_INLINE void hq_gemm_pack(const hq_job *J, int64_t r0, int nr, int64_t b0, int64_t b1, uint8_t *pu,
@@ -547,14 +571,8 @@ HQ_ALWAYS_INLINE void hq_gemm_pack(const hq_job *J, int64_t r0, int nr, int64_t 
         if (ktab) {
             for (int rr = 0; rr < nr; rr++) hq_kblock_tab(type, base + rr * J->rowbytes, tab[rr]);
         } else { /* one group per block: gather the 16 rows' fp16 d (and m) at once */
-            __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, offs, base, 1);
-            __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)), m;
-            switch (type) {
-            case HQ_Q4_1: case HQ_Q5_1: m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))); break;
-            case HQ_Q4_0: m = _mm512_mul_ps(d, _mm512_set1_ps(-8.0f)); break;
-            case HQ_Q5_0: m = _mm512_mul_ps(d, _mm512_set1_ps(-16.0f)); break;
-            default: m = _mm512_mul_ps(d, _mm512_set1_ps(-128.0f)); /* Q8_0 stored as q + 128 */
-            }
+            __m512 d, m;
+            hq_tile_dm(type, base, offs, rows, &d, &m);
             _mm512_storeu_ps(ps + (b - b0) * 32, d);
             _mm512_storeu_ps(pm + (b - b0) * 32, m);
         }
@@ -565,12 +583,7 @@ HQ_ALWAYS_INLINE void hq_gemm_pack(const hq_job *J, int64_t r0, int nr, int64_t 
             if (nib) {
                 hq_pack_nibbles16(base + (type == HQ_Q4_0 ? 2 : 4), J->rowbytes, nr, z);
             } else {
-                for (int j = 0; j < 8; j++) {
-                    __m256i u0 = j < nr ? hq_group_u8(type, base + j * J->rowbytes, g) : _mm256_setzero_si256();
-                    __m256i u1 = j + 8 < nr ? hq_group_u8(type, base + (j + 8) * J->rowbytes, g) : _mm256_setzero_si256();
-                    z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(u0), u1, 1);
-                }
-                hq_transpose16x8(z);
+                hq_tile_group_u8(type, base, J->rowbytes, nr, g, z);
             }
             for (int qd = 0; qd < 8; qd++) {
                 __m512i v = z[qd];
@@ -760,14 +773,7 @@ HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const
                     for (int j = 0; j < 3; j++) kw[j] = _mm512_mask_i32gather_epi32(z0, rows, offs, base + 4 + 4 * j, 1);
                 }
             } else {
-                __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, offs, base, 1);
-                sv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
-                switch (type) {
-                case HQ_Q4_1: case HQ_Q5_1: mv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))); break;
-                case HQ_Q4_0: mv = _mm512_mul_ps(sv, _mm512_set1_ps(-8.0f)); break;
-                case HQ_Q5_0: mv = _mm512_mul_ps(sv, _mm512_set1_ps(-16.0f)); break;
-                default: mv = _mm512_mul_ps(sv, _mm512_set1_ps(-128.0f));
-                }
+                hq_tile_dm(type, base, offs, rows, &sv, &mv);
             }
             for (int g = 0; g < G; g++) {
                 const int64_t gi = b * G + g;
@@ -822,13 +828,7 @@ HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const
                                 _mm512_and_si512(_mm512_srli_epi16(khi[qd], g), _mm512_set1_epi8(1)), 4));
                     }
                 } else {
-                    for (int j = 0; j < 8; j++) {
-                        __m256i u0 = j < nr ? hq_group_u8(type, base + j * J->rowbytes, g) : _mm256_setzero_si256();
-                        __m256i u1 = j + 8 < nr ? hq_group_u8(type, base + (j + 8) * J->rowbytes, g)
-                                                : _mm256_setzero_si256();
-                        z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(u0), u1, 1);
-                    }
-                    hq_transpose16x8(z);
+                    hq_tile_group_u8(type, base, J->rowbytes, nr, g, z);
                 }
                 __m512i acci = _mm512_setzero_si512();
 #pragma GCC unroll 8
