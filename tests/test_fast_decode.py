@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from herd.config import ModelConfig
-from herd.engine.generate import decode as decode_step, generate_batch
+from herd.engine.generate import decode as decode_step, generate_batch, prefill
 from herd.models.kv_cache import KVCache
 from herd.errors import ConfigError
 from herd.models.llama import build_model
@@ -171,3 +171,52 @@ def test_default_model_greedy_tokens(smollm_gguf):
     got = llm.generate(prompt, max_tokens=24).output_ids
     llm.model.decode_step.enabled = False
     assert llm.generate(prompt, max_tokens=24).output_ids == got
+
+
+# Prefill through the C step (NativeDecodeStep.prefill): the prompt's tokens are rows of one cache row, attended
+# together (hd_attend_tokens_avx512) but each with the arithmetic it gets when decoded alone. Shapes: head_dim 32
+# (R = 2 query heads per KV head), 48 with R = 5 (groups of 4 rows spanning tokens), 24 (not a multiple of 16: the
+# per-token loop); 37 tokens (past the 16-token tasks and the 16-key blocks), in one call and in slices.
+@pytest.mark.parametrize("dim,n_heads,n_kv_heads,kv_type", [
+    (128, 4, 2, "f32"), (128, 4, 2, "f16"), (128, 4, 2, "q8_0"),
+    (480, 10, 2, "f32"), (480, 10, 2, "f16"),  # a q8_0 cache needs head_dim % 32 == 0 (test_kv_types)
+    (96, 4, 2, "f32"), (96, 4, 2, "f16")])
+def test_native_prefill_equals_decoding_token_by_token(dim, n_heads, n_kv_heads, kv_type):
+    config = ModelConfig(dim=dim, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=300, ffn_dim=128,
+                         max_seq_len=64)
+    model = tiny_quantized("q4_0", "int16", seed=6, config=config)
+    prompt = torch.tensor([[(11 * i + 5) % 290 + 3 for i in range(37)]])
+    step = model.decode_step
+    with torch.inference_mode():
+        one_by_one = KVCache(config, batch=3, max_len=48, kv_type=kv_type)
+        for t in range(37):
+            want = decode_step(model, prompt[:, t:t + 1], torch.tensor([[t]]), one_by_one, torch.tensor([1]))
+        for chunk in (0, 16, 7):
+            cache = KVCache(config, batch=3, max_len=48, kv_type=kv_type)
+            got = step.prefill(model, prompt, torch.arange(37)[None], cache, torch.tensor([1]), chunk)
+            assert got is not None and got.shape == (1, 1, 300)
+            if native.best_isa() == 2:  # AVX-512: granule-1 kernels, so every row's bits equal, whatever the path
+                assert torch.equal(got, want), f"chunk {chunk}"
+                for a, b in zip(cache.k + cache.v, one_by_one.k + one_by_one.v):
+                    assert torch.equal(a, b)
+            else:  # AVX2 builds: other GEMM kernels for one row than for many
+                assert_close_to_scale(got, want, 1e-3)
+        model.decode_step.enabled = False  # the PyTorch path: the same logits up to summation order
+        ref = prefill(model, prompt, torch.arange(37), KVCache(config, batch=1, max_len=48, kv_type=kv_type))
+        model.decode_step.enabled = True
+    assert_close_to_scale(got, ref, 1e-3)
+
+
+def test_native_prefill_over_pages_equals_the_contiguous_cache():
+    from herd.engine.paging import PagedKVCache
+
+    model = tiny_quantized("q4_1", "int16", seed=8)
+    prompt = torch.tensor([[(13 * i + 1) % 290 + 3 for i in range(29)]])
+    paged = PagedKVCache(CFG, n_pages=20, page_size=4, rows=3, pages_per_row=10)
+    paged.table[1, :8] = torch.randperm(19, generator=torch.Generator().manual_seed(1))[:8] + 1  # scattered pages
+    flat = KVCache(CFG, batch=3, max_len=40)
+    with torch.inference_mode():
+        a = model.decode_step.prefill(model, prompt, torch.arange(29)[None], paged, torch.tensor([1]), 12)
+        b = model.decode_step.prefill(model, prompt, torch.arange(29)[None], flat, torch.tensor([1]), 12)
+    assert a is not None and b is not None
+    assert torch.equal(a, b)

@@ -40,12 +40,25 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+class Calls(list):
+    """The row counts of the native decode calls; `prefills` those of the prefill calls (several tokens of one
+    cache row in one call)."""
+    prefills: list
+
+
 @pytest.fixture
 def native_calls(monkeypatch):
-    """Counts the rows of every native decode call."""
-    calls = []
+    """Counts the rows of every native decode call, and of every native prefill call apart."""
+    calls = Calls()
+    calls.prefills = []
     real_run = decode.DecodePlan.run
-    monkeypatch.setattr(decode.DecodePlan, "run", lambda self, x, *a: calls.append(x.shape[0]) or real_run(self, x, *a))
+
+    def run(self, x, pos, cache, rows):
+        one_row = rows is not None and len(rows) > 1 and bool((rows == rows[0]).all())
+        (calls.prefills if one_row else calls).append(x.shape[0])
+        return real_run(self, x, pos, cache, rows)
+
+    monkeypatch.setattr(decode.DecodePlan, "run", run)
     return calls
 
 
@@ -172,12 +185,15 @@ def test_engine_tokens_equal_batchrun_and_each_request_alone(model, native_calls
     prompts = prompts_of(8, seed=3)
     batch = engine(model).generate(prompts, GREEDY)
     assert native_calls and max(native_calls) == 8  # the batch decoded natively, all rows in one call, no padding
+    assert native_calls.prefills  # and the prompts prefilled by the same step
     ref = generate_batch(model, prompts, GREEDY)  # BatchRun: the contiguous cache, also the C step
     alone = [engine(model).generate([p], GREEDY)[0] for p in prompts]
     for c, r, a in zip(batch, ref, alone):
         assert c.output_ids == r.output_ids == a.output_ids
         assert c.finish_reason == "length"
-        for x, y in zip(c.logprobs, r.logprobs):  # the prefill differs (padding, attention backend): rounding only
+        # both prefill through the C step, the engine with the rows padded to the float-mode kernels' granule of 4
+        # (batch invariance), BatchRun unpadded: rounding only
+        for x, y in zip(c.logprobs, r.logprobs):
             assert abs(x.logprob - y.logprob) < 1e-4
         # batch invariance: alone and in any batch, the same bits
         assert [x.logprob for x in c.logprobs] == [x.logprob for x in a.logprobs]

@@ -128,6 +128,11 @@ def prefill(model, tokens: torch.Tensor, input_pos: torch.Tensor, cache, cache_r
     rounding. A ring cache (Llama 4 chunked layers) or chunk 0 takes one pass."""
     T = tokens.shape[1]
     input_pos = input_pos.reshape(1, T)
+    step = getattr(model, "decode_step", None)
+    if step is not None and hasattr(step, "prefill"):  # the native step: all layers in C, `chunk` tokens a call
+        logits = step.prefill(model, tokens, input_pos, cache, cache_rows, chunk)
+        if logits is not None:
+            return logits
     if getattr(cache, "window", 0) or not 0 < chunk < T:
         return model(tokens, input_pos, cache, last_only=True, cache_rows=cache_rows)
     last = (T - 1) // chunk * chunk

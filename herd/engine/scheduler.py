@@ -26,7 +26,8 @@ backend (the fused CPU kernel's results change with the batch size). With that, 
 logits alone, in any batch, and with a cached prefix. After a preemption the recomputed positions come from a
 prefill instead of decode steps, which can move later logits by float rounding (tokens change only at near-ties).
 A quantized model's native decode step (model.decode_step, reading the pages through the same table) pads its own
-rows to its kernels' granule, so the engine adds no padding rows for it.
+rows to its kernels' granule, so the engine adds no padding rows for it; it also prefills, each token as decoded
+alone, so with integer activations (herd's default) recomputed positions equal the decoded ones bit for bit.
 
 Images: a request may carry its prompt's images (submit(images=...)); the engine binds them to the request's cache
 row at every admission (model.bind, herd/engine/vision_step.py), prefills such a prompt whole where the model needs
@@ -519,22 +520,23 @@ class Engine:
         whole = req.images is not None and getattr(self.model, "whole_prompts", False)  # e.g. Mllama's tile mask
         chunk = req.feed[start:] if whole else req.feed[start:start + self.prefill_chunk]
         end = start + len(chunk)
-        if chunk:
+        step = getattr(self.model, "decode_step", None)
+        rows = torch.tensor([req.row], device=self.device)
+        if chunk and not whole and hasattr(step, "prefill") and step.batch_invariant(self.model, self.cache):
+            t, p = torch.tensor([chunk], device=self.device), torch.arange(start, end, device=self.device)[None]
+            logits = step.prefill(self.model, t, p, self.cache, rows)[0, -1]  # the C step pads its own rows
+        elif chunk:
             # Pad the tokens to a multiple of the row granule and the key length to one of the kv granule. The
             # padding goes first (so the real last token stays the last row) at a position after the chunk, which
             # no real token attends to; it lands in this row's own pages or in the null page.
             pad, target = -len(chunk) % self.granule, round_up(end, self.kv_granule)
-            if target > end and pad == 0:
-                pad = self.granule
-            if pad and target == end:
-                target = round_up(end + 1, self.kv_granule)
-            tokens = [0] * pad + chunk
-            pos = [target - 1] * pad + list(range(start, end))
-            t = torch.tensor([tokens], device=self.device)
-            p = torch.tensor([pos], device=self.device)
-            rows = torch.tensor([req.row], device=self.device)
+            pad = self.granule if target > end and pad == 0 else pad
+            target = round_up(end + 1, self.kv_granule) if pad and target == end else target
+            t = torch.tensor([[0] * pad + chunk], device=self.device)
+            p = torch.tensor([[target - 1] * pad + list(range(start, end))], device=self.device)
             with sdpa_kernel(SDPBackend.MATH):
                 logits = self.model(t, p, self.cache, last_only=True, cache_rows=rows)[0, -1]
+        if chunk:
             req.cached.extend(chunk)
             self.stats["prefill_tokens"] += len(chunk)
             self.stats["prefill_chunks"] += 1

@@ -1,5 +1,7 @@
 """The native decode step: every layer of a Llama model with quantized linear layers, for one new token per row, in
-one C call (herd/quant/csrc/herd_decode.c) instead of ~40 small PyTorch operations per layer.
+one C call (herd/quant/csrc/herd_decode.c) instead of ~40 small PyTorch operations per layer. The same step
+prefills a prompt (NativeDecodeStep.prefill: the prompt's tokens are rows of one cache row, attended together),
+with each token's attention that of decoding it alone.
 
 Attached from outside, like any module swap: `attach(model)` (done by quantize_model and build_quantized_model)
 sets `model.decode_step`, a NativeDecodeStep; the engine calls it for each decode step and runs the model's own
@@ -312,6 +314,34 @@ class NativeDecodeStep:
         if g > 1 and B % g:  # the output layer on the same padded row count as the layers (batch invariance)
             x = torch.cat((x, x.new_zeros(g - B % g, x.shape[1])))
         return model.output(x[:, None])[:B]
+
+
+    def prefill(self, model, tokens: torch.Tensor, input_pos: torch.Tensor, cache, rows: torch.Tensor | None = None,
+                chunk: int = 0):
+        """A prompt (1, T) at input_pos (1, T) into one cache row (rows (1,), default row 0) through the same C step,
+        `chunk` tokens a call (0: all): logits (1, 1, V) of the last token, or None when this model and cache must
+        take the PyTorch path. The step attends the tokens of one row together (herd_decode.c,
+        hd_attend_tokens_avx512), with each token's arithmetic that of decoding it alone; with integer activations
+        (the default; their kernels give a row the same bits in any batch) a prefilled prompt therefore leaves the
+        cache and the hidden states bit for bit as decoding it token by token would."""
+        plan = self.plan_for(model, cache)
+        if plan is None or tokens.shape[0] != 1:
+            return None
+        T = tokens.shape[1]
+        h = model.tok_embeddings(tokens.reshape(1, T))[0]
+        if h.dtype is not torch.float32 or h.requires_grad:
+            return None
+        pos = input_pos.reshape(T).to(torch.int64)
+        row = 0 if rows is None else int(rows.reshape(-1)[0])
+        step = chunk if 0 < chunk < T else T
+        for a in range(0, T, step):
+            x = h[a:a + step].contiguous()  # (n, D), updated in place
+            plan.run(x, pos[a:a + step].contiguous(), cache, torch.full((x.shape[0],), row, dtype=torch.int64))
+        x = x[-1:]
+        g = plan.spec.row_align
+        if g > 1:  # the output layer on the padded row count, as __call__ runs it
+            x = torch.cat((x, x.new_zeros(g - 1, x.shape[1])))
+        return model.output(x[:, None])[:1]
 
 
 def attach(model) -> None:

@@ -1,6 +1,10 @@
 /* herd_decode.c -- the decode step of a Llama model with quantized linear layers: every decoder layer for a few
- * new tokens (one per sequence) in one call, so that the small per-layer operations (RMSNorm, RoPE, the cache
- * write, attention over the cache, SiLU * up, the residual adds) cost no Python / ATen dispatch.
+ * new tokens in one call, so that the small per-layer operations (RMSNorm, RoPE, the cache write, attention over
+ * the cache, SiLU * up, the residual adds) cost no Python / ATen dispatch. The tokens are rows: one per sequence
+ * when decoding, or several consecutive rows of one sequence (a prompt chunk, a speculative verification), which
+ * are attended together but each with the arithmetic it gets alone -- so prefilling a prompt here leaves the same
+ * bits in the cache and the hidden states as decoding it token by token, wherever herd_q_matmul gives a row the
+ * same bits in any batch (the integer activation modes on AVX-512).
  *
  * The arithmetic is herd/models/llama.py's (SPEC.md section 1) in float32; the linear layers are herd_q_matmul,
  * the same kernels QuantLinear calls, so only the summation order of the small operations differs from the
@@ -65,6 +69,7 @@ typedef struct {
 #define HD_KV_F16 1
 #define HD_KV_Q8_0 2
 #define HD_CHUNK 64 /* positions decoded to float32 at a time from an f16 / q8_0 cache */
+#define HD_TOK 16   /* tokens of one sequence attended together (a prompt chunk, a speculative verification) */
 
 /* Where the keys and values of one (row, KV head) live: runs of `run` consecutive positions (the last may be
  * shorter), `step` head vectors apart within a run; run i starts at vector page[i] * page_vecs from k (page NULL:
@@ -256,6 +261,31 @@ static void hd_scores_avx512(const float *q, int64_t R, const float *K, int64_t 
     }
 }
 
+/* out rows o[0..3] (hd) = (more ? o : 0) + sum over positions p < n of w[r][p] V_p, an FMA chain per element in
+ * position order; the first nrows stored (the others repeat a row). Rows by pointer: heads of one token or of
+ * several. */
+static void hd_wsum4_avx512(const float *const *w, const float *V, int64_t n, int64_t vs, int64_t hd,
+                            float *const *o, int nrows, int more) {
+    for (int64_t c0 = 0; c0 < hd; c0 += 64) {
+        int64_t col[4];
+        for (int c = 0; c < 4; c++) col[c] = c0 + 16 * c < hd ? c0 + 16 * c : hd - 16;
+        __m512 acc[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < 4; c++) acc[r][c] = more ? _mm512_loadu_ps(o[r] + col[c]) : _mm512_setzero_ps();
+        for (int64_t p = 0; p < n; p++) {
+            const float *vp = V + p * vs;
+            __m512 v[4];
+            for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(vp + col[c]);
+            for (int r = 0; r < 4; r++) {
+                const __m512 wr = _mm512_set1_ps(w[r][p]);
+                for (int c = 0; c < 4; c++) acc[r][c] = _mm512_fmadd_ps(wr, v[c], acc[r][c]);
+            }
+        }
+        for (int r = 0; r < nrows; r++)
+            for (int c = 0; c < 4 && c0 + 16 * c < hd; c++) _mm512_storeu_ps(o[r] + c0 + 16 * c, acc[r][c]);
+    }
+}
+
 /* out (R, hd) = weights sc (R, n; rows ld apart) . V (n, hd; V_p at V + p * vs) for hd % 16 == 0, added to out
  * when `more` (a later run of positions: the FMA chain goes on from the stored partial sums, the same bits as one
  * chain): blocks of 4 heads x 64 columns in registers, an FMA chain over the positions per element (the portable
@@ -264,33 +294,70 @@ static void hd_weighted_sum_avx512(const float *sc, int64_t ld, int64_t R, const
                                    int64_t hd, float *out, int more) {
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
         const float *w[4];
-        int64_t row[4];
+        float *o[4];
         for (int r = 0; r < 4; r++) {
-            row[r] = r0 + r < R ? r0 + r : R - 1;
-            w[r] = sc + row[r] * ld;
+            const int64_t row = r0 + r < R ? r0 + r : R - 1;
+            w[r] = sc + row * ld;
+            o[r] = out + row * hd;
         }
-        for (int64_t c0 = 0; c0 < hd; c0 += 64) {
-            int64_t col[4];
-            for (int c = 0; c < 4; c++) col[c] = c0 + 16 * c < hd ? c0 + 16 * c : hd - 16;
-            __m512 acc[4][4];
-            for (int r = 0; r < 4; r++)
-                for (int c = 0; c < 4; c++)
-                    acc[r][c] = more ? _mm512_loadu_ps(out + row[r] * hd + col[c]) : _mm512_setzero_ps();
-            for (int64_t p = 0; p < n; p++) {
-                const float *vp = V + p * vs;
-                __m512 v[4];
-                for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(vp + col[c]);
-                for (int r = 0; r < 4; r++) {
-                    const __m512 wr = _mm512_set1_ps(w[r][p]);
-                    for (int c = 0; c < 4; c++) acc[r][c] = _mm512_fmadd_ps(wr, v[c], acc[r][c]);
-                }
-            }
-            for (int r = 0; r < 4 && r0 + r < R; r++)
-                for (int c = 0; c < 4 && c0 + 16 * c < hd; c++) _mm512_storeu_ps(out + (r0 + r) * hd + c0 + 16 * c, acc[r][c]);
-        }
+        hd_wsum4_avx512(w, V, n, vs, hd, o, (int)(R - r0 < 4 ? R - r0 : 4), more);
     }
 }
 #endif
+
+#ifdef __AVX512F__
+/* hd_expf on 16 lanes: the same steps, FMAs where the scalar form has a multiply-add */
+static inline __m512 hd_expf16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    const __m512 big = _mm512_set1_ps(12582912.0f);
+    const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), big), big);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
+/* sr[0 .. n) = softmax(sr) in place. One function for every caller (the decode step's rows and the multi-token
+ * path), so that a row gets the same bits wherever it is attended. */
+static void hd_softmax_row(float *sr, int64_t n) {
+#ifdef __AVX512F__
+    __m512 vm = _mm512_set1_ps(-INFINITY), vs = _mm512_setzero_ps();
+    for (int64_t p = 0; p < n; p += 16) {
+        const __mmask16 k = (__mmask16)(n - p >= 16 ? 0xFFFFu : (1u << (n - p)) - 1u);
+        vm = _mm512_mask_max_ps(vm, k, vm, _mm512_maskz_loadu_ps(k, sr + p));
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+    for (int64_t p = 0; p < n; p += 16) {
+        const __mmask16 k = (__mmask16)(n - p >= 16 ? 0xFFFFu : (1u << (n - p)) - 1u);
+        const __m512 e = _mm512_maskz_mov_ps(k, hd_expf16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sr + p), mx)));
+        _mm512_mask_storeu_ps(sr + p, k, e);
+        vs = _mm512_add_ps(vs, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vs));
+    for (int64_t p = 0; p < n; p += 16) {
+        const __mmask16 k = (__mmask16)(n - p >= 16 ? 0xFFFFu : (1u << (n - p)) - 1u);
+        _mm512_mask_storeu_ps(sr + p, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sr + p), inv));
+    }
+#else
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t p = 0; p < n; p++) mx = sr[p] > mx ? sr[p] : mx;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t p = 0; p < n; p++) {
+        sr[p] = hd_expf(sr[p] - mx);
+        sum += sr[p];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t p = 0; p < n; p++) sr[p] *= inv;
+#endif
+}
 
 /* The R query heads q (R, hd) that share one KV head, over its positions 0..n-1 (kv: where they live):
  * out (R, hd) = softmax(q . K^T / sqrt(hd)) V, each key and value row read once for all R. sc: R * n floats. */
@@ -329,17 +396,7 @@ static void hd_attend_group(const float *q, int64_t R, const hd_kv *kv, int64_t 
             }
         }
     }
-    for (int64_t r = 0; r < R; r++) {
-        float *sr = sc + r * n, mx = -INFINITY, sum = 0.0f;
-        for (int64_t p = 0; p < n; p++) mx = sr[p] > mx ? sr[p] : mx;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t p = 0; p < n; p++) {
-            sr[p] = hd_expf(sr[p] - mx);
-            sum += sr[p];
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t p = 0; p < n; p++) sr[p] *= inv;
-    }
+    for (int64_t r = 0; r < R; r++) hd_softmax_row(sc + r * n, n);
     if (!simd) memset(out, 0, sizeof(float) * (size_t)(R * hd));
     for (int64_t p0 = 0, i = 0; p0 < n; p0 += kv->run, i++) { /* weighted values, the runs in position order */
         const int64_t m = n - p0 < kv->run ? n - p0 : kv->run;
@@ -366,6 +423,105 @@ static void hd_attend_group(const float *q, int64_t R, const hd_kv *kv, int64_t 
         }
     }
 }
+
+#ifdef __AVX512F__
+
+/* T tokens of one sequence (cache row), token t at position pos[t], each with R query heads on one KV head: the
+ * R heads of token t at q + t * qs (hd apart), their outputs at out + t * qs. Every row gets hd_attend_group's
+ * arithmetic over its own positions 0 .. pos[t] (so the same bits as when decoded alone), but the keys are
+ * transposed once for all the rows (kt: ceil16(max pos + 1) * hd floats) and the scores of 4 rows are formed at
+ * once from them: each lane of the decode step's 16-wide partial sums is a broadcast-FMA chain here, and the
+ * lanes are added in the same order, with no transpose per score. sc: T * R * ceil16(max pos + 1) floats. */
+static void hd_attend_tokens_avx512(const float *q, int64_t qs, int64_t R, const int64_t *pos, int64_t T,
+                                    const hd_kv *kv, int64_t hd, float *kt, float *sc, float *out) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    int64_t nmax = 0;
+    for (int64_t t = 0; t < T; t++) nmax = pos[t] + 1 > nmax ? pos[t] + 1 : nmax;
+    const int64_t ld = (nmax + 15) / 16 * 16, NR = T * R;
+    const int64_t chunk = kv->type == HD_KV_F32 ? kv->run : HD_CHUNK, vb = kv->vec_bytes;
+    /* kt[(p / 16 * hd + d) * 16 + p % 16] = K_p[d]; lanes past nmax zero */
+    for (int64_t p = nmax; p < ld; p++)
+        for (int64_t d = 0; d < hd; d++) kt[(p / 16 * hd + d) * 16 + p % 16] = 0.0f;
+    for (int64_t p0 = 0, i = 0; p0 < nmax; p0 += kv->run, i++) {
+        const int64_t m = nmax - p0 < kv->run ? nmax - p0 : kv->run;
+        const uint8_t *base = kv->k + (kv->page ? kv->page[i] * kv->page_vecs : 0) * vb;
+        for (int64_t c = 0; c < m; c += chunk) {
+            const int64_t mc = m - c < chunk ? m - c : chunk;
+            int64_t st;
+            const float *K = hd_kv_rows(kv, base, c, mc, hd, &st);
+            for (int64_t pp = 0; pp < mc; pp++) {
+                const int64_t P = p0 + c + pp;
+                float *dst = kt + (P / 16 * hd) * 16 + P % 16;
+                const float *src = K + pp * st;
+                for (int64_t d = 0; d < hd; d++) dst[d * 16] = src[d];
+            }
+        }
+    }
+    /* rows i = t * R + r in groups of 4 (a group past the end repeats its last row, computed and not stored) */
+    for (int64_t i0 = 0; i0 < NR; i0 += 4) {
+        const float *qr[4];
+        float *sr[4];
+        int64_t nr[4], nmx = 0;
+        const int nrows = (int)(NR - i0 < 4 ? NR - i0 : 4);
+        for (int k = 0; k < 4; k++) {
+            const int64_t i = i0 + (k < nrows ? k : nrows - 1), t = i / R;
+            qr[k] = q + t * qs + (i % R) * hd;
+            sr[k] = sc + i * ld;
+            nr[k] = pos[t] + 1;
+            nmx = nr[k] > nmx ? nr[k] : nmx;
+        }
+        for (int64_t blk = 0; blk * 16 < nmx; blk++) {
+            const float *kb = kt + blk * hd * 16;
+            __m512 s[4];
+            for (int k = 0; k < 4; k++) s[k] = _mm512_setzero_ps();
+            for (int l = 0; l < 16; l++) {
+                __m512 a[4];
+                for (int k = 0; k < 4; k++) a[k] = _mm512_setzero_ps();
+                for (int64_t c = 0; c < hd; c += 16) {
+                    const __m512 kl = _mm512_loadu_ps(kb + (c + l) * 16);
+                    for (int k = 0; k < 4; k++) a[k] = _mm512_fmadd_ps(_mm512_set1_ps(qr[k][c + l]), kl, a[k]);
+                }
+                for (int k = 0; k < 4; k++) s[k] = _mm512_add_ps(s[k], a[k]);
+            }
+            for (int k = 0; k < nrows; k++) {
+                const int64_t left = nr[k] - blk * 16;
+                if (left > 0)
+                    _mm512_mask_storeu_ps(sr[k] + blk * 16, (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u),
+                                          _mm512_mul_ps(s[k], _mm512_set1_ps(scale)));
+            }
+        }
+    }
+    for (int64_t i = 0; i < NR; i++) { /* softmax over the row's own positions; weight 0 past them */
+        const int64_t n = pos[i / R] + 1;
+        hd_softmax_row(sc + i * ld, n);
+        memset(sc + i * ld + n, 0, sizeof(float) * (size_t)(nmax - n));
+    }
+    /* weighted values: each chunk of positions (decoded once) for every group of rows that reaches it; a row's
+     * zero weights past its positions leave its sums as they are */
+    for (int64_t p0 = 0, i = 0; p0 < nmax; p0 += kv->run, i++) {
+        const int64_t m = nmax - p0 < kv->run ? nmax - p0 : kv->run;
+        const uint8_t *base = kv->v + (kv->page ? kv->page[i] * kv->page_vecs : 0) * vb;
+        for (int64_t c = 0; c < m; c += chunk) {
+            const int64_t mc = m - c < chunk ? m - c : chunk, at = p0 + c;
+            int64_t st;
+            const float *V = hd_kv_rows(kv, base, c, mc, hd, &st);
+            for (int64_t i0 = 0; i0 < NR; i0 += 4) {
+                const int nrows = (int)(NR - i0 < 4 ? NR - i0 : 4);
+                const float *w[4];
+                float *o[4];
+                int64_t nmx = 0;
+                for (int k = 0; k < 4; k++) {
+                    const int64_t ii = i0 + (k < nrows ? k : nrows - 1), t = ii / R;
+                    w[k] = sc + ii * ld + at;
+                    o[k] = out + t * qs + (ii % R) * hd;
+                    nmx = pos[t] + 1 > nmx ? pos[t] + 1 : nmx;
+                }
+                if (nmx > at) hd_wsum4_avx512(w, V, nmx - at < mc ? nmx - at : mc, st, hd, o, nrows, at > 0);
+            }
+        }
+    }
+}
+#endif
 
 static int hd_linear_apply(const hd_linear *L, const float *x, int64_t m, int64_t k, float *y, int nthreads) {
     return herd_q_matmul(x, m, k, L->w, (int)L->type, L->out_features, y, (int)L->mode, -1, nthreads);
@@ -412,8 +568,28 @@ int herd_llama_decode(const void *model, float *x, int64_t B, const int64_t *pos
             cs[b * hd / 2 + i] = cosf(a);
             sn[b * hd / 2 + i] = sinf(a);
         }
-    /* attention: parallel over (row, KV head) once there is enough work to pay for a fork/join */
+    /* attention: parallel over (row, KV head) once there is enough work to pay for a fork/join. Consecutive rows
+     * of one cache row (a prompt chunk, a speculative verification) are attended together, HD_TOK tokens a task
+     * (hd_attend_tokens_avx512: the same bits per row as alone); any other row alone. task: (first row, rows). */
     const int att_nt = (B * H * max_len * hd >= (1 << 16)) ? nt : 1;
+    int64_t *task = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * B)), n_tasks = 0, multi = 0;
+    for (int64_t b = 0; b < B && task;) {
+        int64_t e = b + 1;
+#ifdef __AVX512F__
+        if (hd % 16 == 0 && rows)
+            while (e < B && e - b < HD_TOK && rows[e] == rows[b]) e++;
+#endif
+        task[2 * n_tasks] = b, task[2 * n_tasks + 1] = e - b, n_tasks++;
+        multi |= e - b > 1;
+        b = e;
+    }
+    const int64_t ld_max = (max_len + 15) / 16 * 16, R = H / KV;
+    const int64_t m_stride = multi ? ld_max * hd + HD_TOK * R * ld_max : 0; /* keys transposed, scores */
+    float *mbuf = multi ? (float *)malloc(sizeof(float) * (size_t)(nt * m_stride)) : NULL;
+    if (!task || (multi && !mbuf)) {
+        free(task), free(mbuf), free(buf);
+        return HD_ERR_NOMEM;
+    }
     int rc = 0;
     for (int64_t l = 0; l < M->n_layers && !rc; l++) {
         const hd_layer *L = &M->layers[l];
@@ -433,9 +609,9 @@ int herd_llama_decode(const void *model, float *x, int64_t B, const int64_t *pos
                 hd_kv_encode(v + (b * KV + j) * hd, hd, M->kv_type, L->v_cache + at * vb);
             }
         }
-#pragma omp parallel for num_threads(att_nt) if (att_nt > 1) schedule(static)
-        for (int64_t bj = 0; bj < B * KV; bj++) { /* query heads j*R .. j*R+R-1 use KV head j (GQA) */
-            const int64_t b = bj / KV, j = bj % KV, R = H / KV, r = rows ? rows[b] : b;
+#pragma omp parallel for num_threads(att_nt) if (att_nt > 1) schedule(dynamic, 1)
+        for (int64_t tj = 0; tj < n_tasks * KV; tj++) { /* query heads j*R .. j*R+R-1 use KV head j (GQA) */
+            const int64_t b = task[2 * (tj / KV)], nb = task[2 * (tj / KV) + 1], j = tj % KV, r = rows ? rows[b] : b;
             int tid = 0;
 #ifdef _OPENMP
             tid = omp_get_thread_num();
@@ -443,6 +619,15 @@ int herd_llama_decode(const void *model, float *x, int64_t B, const int64_t *pos
             const int64_t at = (table ? j : r * M->row_stride + j * S) * vb;
             const hd_kv kv = {L->k_cache + at, L->v_cache + at, table ? table + r * M->table_stride : NULL,
                               table ? P : S, table ? KV : 1, P * KV, M->kv_type, vb, kv_tmp + tid * HD_CHUNK * hd};
+            (void)nb; /* only the AVX-512 build attends several tokens at once */
+#ifdef __AVX512F__
+            if (nb > 1) {
+                float *kt = mbuf + tid * m_stride;
+                hd_attend_tokens_avx512(q + (b * H + j * R) * hd, H * hd, R, pos + b, nb, &kv, hd, kt, kt + ld_max * hd,
+                                        att + (b * H + j * R) * hd);
+                continue;
+            }
+#endif
             hd_attend_group(q + (b * H + j * R) * hd, R, &kv, pos[b] + 1, hd, scores + tid * H / KV * max_len,
                             att + (b * H + j * R) * hd);
         }
@@ -465,6 +650,6 @@ int herd_llama_decode(const void *model, float *x, int64_t B, const int64_t *pos
             hd_rms_norm(x + b * D, M->final_norm, D, M->eps, xn + b * D);
             memcpy(x + b * D, xn + b * D, sizeof(float) * (size_t)D);
         }
-    free(buf);
+    free(buf), free(task), free(mbuf);
     return rc;
 }
