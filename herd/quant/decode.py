@@ -310,11 +310,7 @@ class NativeDecodeStep:
         x = h.reshape(B, -1).clone()  # (B, D), updated in place to the final-normed hidden state
         rows = None if rows is None else rows.reshape(B).to(torch.int64).contiguous()
         plan.run(x, input_pos.reshape(B).to(torch.int64).contiguous(), cache, rows)
-        g = plan.spec.row_align
-        if g > 1 and B % g:  # the output layer on the same padded row count as the layers (batch invariance)
-            x = torch.cat((x, x.new_zeros(g - B % g, x.shape[1])))
-        return model.output(x[:, None])[:B]
-
+        return _output(model, plan, x)
 
     def prefill(self, model, tokens: torch.Tensor, input_pos: torch.Tensor, cache, rows: torch.Tensor | None = None,
                 chunk: int = 0):
@@ -337,11 +333,16 @@ class NativeDecodeStep:
         for a in range(0, T, step):
             x = h[a:a + step].contiguous()  # (n, D), updated in place
             plan.run(x, pos[a:a + step].contiguous(), cache, torch.full((x.shape[0],), row, dtype=torch.int64))
-        x = x[-1:]
-        g = plan.spec.row_align
-        if g > 1:  # the output layer on the padded row count, as __call__ runs it
-            x = torch.cat((x, x.new_zeros(g - 1, x.shape[1])))
-        return model.output(x[:, None])[:1]
+        return _output(model, plan, x[-1:])
+
+
+def _output(model, plan: DecodePlan, x: torch.Tensor) -> torch.Tensor:
+    """Logits (B, 1, V) of the final-normed hidden states x (B, D): the output layer on the same padded row count as
+    the plan's layers (batch invariance), the padding rows dropped."""
+    B, g = x.shape[0], plan.spec.row_align
+    if g > 1 and B % g:
+        x = torch.cat((x, x.new_zeros(g - B % g, x.shape[1])))
+    return model.output(x[:, None])[:B]
 
 
 def attach(model) -> None:
