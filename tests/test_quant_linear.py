@@ -170,12 +170,17 @@ def test_every_row_count_takes_a_correct_path(m, isa, lib):
 def test_one_row_has_the_gemm_bits(name, lib):
     """AVX-512, integer activations: a row alone (the fused one-row kernel) gets the same bits as in a GEMM batch
     of any size, on 1 and 2 threads, so the engine's decode step needs no padding row for batch invariance; and
-    the decode kernel it replaced agrees within the tolerance."""
+    the decode kernel it replaced agrees within the tolerance. k = 8448: past 8192, where the one-row kernel keeps
+    its reordered int16 activations on the heap instead of the stack."""
     if 2 not in ISAS:  # an AVX2 machine: rows alone take the decode kernels, and the engine pads (row_granule)
         assert native.best_isa() < 2
         return
     _, qk, _ = GGML_TYPES[name]
-    tid, n, k = GGML_TYPES[name][0], 53, 3 * qk  # 53: three 16-row tiles and a part one
+    for n, k in ((53, 3 * qk), (17, 8448)):  # 53: three 16-row tiles and a part one; 17: one and a part one
+        _one_row_has_the_gemm_bits(name, GGML_TYPES[name][0], n, k, lib)
+
+
+def _one_row_has_the_gemm_bits(name, tid, n, k, lib):
     raw = torch.from_numpy(random_blocks(name, n, k, seed=11))
     x = torch.randn(9, k, generator=torch.Generator().manual_seed(3)) * torch.logspace(-2, 1, k)
     for act in ("int8", "int16"):
@@ -183,7 +188,7 @@ def test_one_row_has_the_gemm_bits(name, lib):
             batch = L.quant_matmul(x, raw, tid, n, act, threads=threads, isa=2)
             for i in range(9):
                 alone = L.quant_matmul(x[i:i + 1], raw, tid, n, act, threads=threads, isa=2)
-                assert torch.equal(alone[0], batch[i]), (name, act, threads, i)
+                assert torch.equal(alone[0], batch[i]), (name, act, threads, i, k)
         old = lib.herd_q_set_gemv(0)
         try:
             dec = L.quant_matmul(x[:1], raw, tid, n, act, isa=2)

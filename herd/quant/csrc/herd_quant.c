@@ -501,7 +501,38 @@ HQ_ALWAYS_INLINE void hq_transpose16x8(__m512i *z) {
 /* Q4_0 / Q4_1, the 16 bytes of 4-bit values of 16 rows -> the 8 quads of the tile. Row r's byte j holds elements j
  * (low nibble) and j + 16 (high nibble), so dword d of the packed bytes gives quads d and d + 4: transpose the
  * 16 x 4 dwords (4 rows per zmm, one row per 128-bit lane), then split the nibbles. */
+/* The 16 bytes at p + 16 h of 16 rows (row stride `stride`) -> z[d] = their dword d, lane = row. Each row's 16 bytes
+ * go to one 128-bit lane by a broadcast load (masked: a load and a blend, no shuffle-port work), register j's lane l
+ * holding row 4 l + j, so that a 4x4 dword transpose inside each lane (8 unpacks) leaves row r in lane r. */
+HQ_ALWAYS_INLINE void hq_rows16x16(const uint8_t *p, int64_t stride, __m512i *z) {
+    __m512i a[4], t[4];
+    for (int j = 0; j < 4; j++) {
+        a[j] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p + j * stride)));
+        for (int l = 1; l < 4; l++)
+            a[j] = _mm512_mask_broadcast_i32x4(a[j], (__mmask16)(0xFu << (4 * l)),
+                                               _mm_loadu_si128((const __m128i *)(p + (4 * l + j) * stride)));
+    }
+    t[0] = _mm512_unpacklo_epi32(a[0], a[1]);
+    t[1] = _mm512_unpackhi_epi32(a[0], a[1]);
+    t[2] = _mm512_unpacklo_epi32(a[2], a[3]);
+    t[3] = _mm512_unpackhi_epi32(a[2], a[3]);
+    z[0] = _mm512_unpacklo_epi64(t[0], t[2]);
+    z[1] = _mm512_unpackhi_epi64(t[0], t[2]);
+    z[2] = _mm512_unpacklo_epi64(t[1], t[3]);
+    z[3] = _mm512_unpackhi_epi64(t[1], t[3]);
+}
+
 HQ_ALWAYS_INLINE void hq_pack_nibbles16(const uint8_t *qs, int64_t stride, int nr, __m512i *out) {
+    if (nr == 16) {
+        __m512i p[4];
+        hq_rows16x16(qs, stride, p);
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        for (int d = 0; d < 4; d++) {
+            out[d] = _mm512_and_si512(p[d], m4);
+            out[d + 4] = _mm512_and_si512(_mm512_srli_epi16(p[d], 4), m4);
+        }
+        return;
+    }
     __m512i t[4], u[4];
     const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     for (int j = 0; j < 4; j++) {
@@ -721,6 +752,11 @@ HQ_ALWAYS_INLINE uint64_t hq_q5_sel(int qd) {
 /* 32 bytes at p of each of nr <= 16 rows (row stride 'stride'), transposed: z[q] holds bytes 4q .. 4q + 3 of rows
  * 0..15 (lane = row); missing rows are zero */
 HQ_ALWAYS_INLINE void hq_load16x32(const uint8_t *p, int64_t stride, int nr, __m512i *z) {
+    if (nr == 16) {
+        hq_rows16x16(p, stride, z);
+        hq_rows16x16(p + 16, stride, z + 4);
+        return;
+    }
     for (int j = 0; j < 8; j++) {
         __m256i u0 = j < nr ? _mm256_loadu_si256((const __m256i *)(p + j * stride)) : _mm256_setzero_si256();
         __m256i u1 = j + 8 < nr ? _mm256_loadu_si256((const __m256i *)(p + (j + 8) * stride)) : _mm256_setzero_si256();
@@ -739,15 +775,22 @@ HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const
     const int QK = hq_block_elems(type), BS = hq_block_bytes(type), G = QK / 32, sgn = type == HQ_Q8_0;
     const int ktab = G > 1, split = type == HQ_Q6_K, nib = type == HQ_Q4_0 || type == HQ_Q4_1;
     const int q5 = HQ_BITALG && (type == HQ_Q5_0 || type == HQ_Q5_1), kq = type == HQ_Q4_K || type == HQ_Q5_K;
-    __m512i kraw[8], khi[8];
+    __m512i kraw[8], khi[8], kraw2[8];
     const int64_t nb = J->k / QK, tile_bytes = HQ_NR * J->rowbytes, end = J->n * J->rowbytes;
     const int64_t pf_bytes = (tile_bytes + nb * G - 1) / (nb * G); /* the tile HQ_PF_TILES on, over the groups */
     const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32((int)J->rowbytes));
-    const __m512i sel_lo = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -128, 1, -128, 4, -128, 5, -128,
-                                                                 8, -128, 9, -128, 12, -128, 13, -128));
-    const __m512i sel_hi = _mm512_broadcast_i32x4(_mm_setr_epi8(2, -128, 3, -128, 6, -128, 7, -128,
-                                                                 10, -128, 11, -128, 14, -128, 15, -128));
+    const __m512i lo8 = _mm512_set1_epi32(0x00FF00FF);
+    /* the int16 activations with each 4 reordered 0 2 1 3 (see the dot products below); on the heap past 8192 */
+    int16_t xs_stack[wide && J->k <= 8192 ? J->k : 1], *xs_heap = NULL, *xs = xs_stack;
+    if (wide && J->k > 8192 && !(xs = xs_heap = (int16_t *)malloc(sizeof(int16_t) * J->k))) {
+        *J->failed = 1;
+        return;
+    }
+    if (wide)
+        for (int64_t e = 0; e < J->k; e += 4) {
+            xs[e] = J->q16[e]; xs[e + 1] = J->q16[e + 2]; xs[e + 2] = J->q16[e + 1]; xs[e + 3] = J->q16[e + 3];
+        }
     hq_prefetch_span(J->w + r0 * J->rowbytes,
                      ((r0 + HQ_PF_TILES * HQ_NR < r1 ? r0 + HQ_PF_TILES * HQ_NR : r1) - r0) * J->rowbytes);
     for (int64_t c0 = r0; c0 < r1; c0 += HQ_NR) {
@@ -827,35 +870,59 @@ HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const
                             z[qd] = _mm512_or_si512(z[qd], _mm512_slli_epi16(
                                 _mm512_and_si512(_mm512_srli_epi16(khi[qd], g), _mm512_set1_epi8(1)), 4));
                     }
+                } else if (split) { /* Q6_K, group g = 4 n + j: the ql bytes at 64 n + 32 (j & 1) (low nibbles for
+                                     * j < 2), 2 bits of the qh bytes at 128 + 32 n (bits 2 j); the raw bytes of the 16
+                                     * rows are transposed once per 4 groups and unpacked in registers */
+                    const int n4 = g / 4, jj = g % 4;
+                    if (jj == 0) {
+                        hq_load16x32(base + 64 * n4, J->rowbytes, nr, kraw);
+                        hq_load16x32(base + 64 * n4 + 32, J->rowbytes, nr, kraw2);
+                        hq_load16x32(base + 128 + 32 * n4, J->rowbytes, nr, khi);
+                    }
+                    const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(3);
+                    for (int qd = 0; qd < 8; qd++) {
+                        const __m512i ql = jj & 1 ? kraw2[qd] : kraw[qd];
+                        const __m512i lo = _mm512_and_si512(jj >> 1 ? _mm512_srli_epi16(ql, 4) : ql, m4);
+                        const __m512i hb = _mm512_and_si512(_mm512_srli_epi16(khi[qd], 2 * jj), m2);
+                        z[qd] = _mm512_or_si512(lo, _mm512_slli_epi16(hb, 4));
+                    }
                 } else {
                     hq_tile_group_u8(type, base, J->rowbytes, nr, g, z);
                 }
-                __m512i acci = _mm512_setzero_si512();
+                /* four independent integer chains (a vpdpwssd / vpdpbusd waits ~5 cycles for its accumulator), added
+                 * at the end of each half: integer sums, so the same bits as one chain */
+                __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                                  _mm512_setzero_si512()};
 #pragma GCC unroll 8
                 for (int qd = 0; qd < 8; qd++) {
                     __m512i wv = z[qd];
                     if (sgn) wv = _mm512_maskz_xor_epi32(rows, wv, _mm512_set1_epi8((char)0x80));
-                    if (wide) {
-                        const int16_t *xp = J->q16 + gi * 32 + qd * 4;
-                        acci = _mm512_dpwssd_epi32(acci, _mm512_shuffle_epi8(wv, sel_lo), hq_bcast32(xp));
-                        acci = _mm512_dpwssd_epi32(acci, _mm512_shuffle_epi8(wv, sel_hi), hq_bcast32(xp + 2));
+                    if (wide) { /* words (e0, e2) = the low bytes, (e1, e3) = the high bytes; xs holds x0 x2 x1 x3 */
+                        const int16_t *xp = xs + gi * 32 + qd * 4;
+                        const int c = 2 * (qd & 1);
+                        acc[c] = _mm512_dpwssd_epi32(acc[c], _mm512_and_si512(wv, lo8), hq_bcast32(xp));
+                        acc[c + 1] = _mm512_dpwssd_epi32(acc[c + 1], _mm512_srli_epi16(wv, 8), hq_bcast32(xp + 2));
                     } else {
-                        acci = _mm512_dpbusd_epi32(acci, wv, hq_bcast32(J->q + gi * 32 + qd * 4));
+                        acc[qd & 3] = _mm512_dpbusd_epi32(acc[qd & 3], wv, hq_bcast32(J->q + gi * 32 + qd * 4));
                     }
                     if (split && qd == 3) {
+                        const __m512i acci = _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]),
+                                                              _mm512_add_epi32(acc[2], acc[3]));
                         accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf);
                         accf = _mm512_fmadd_ps(mv, _mm512_set1_ps(a[2]), accf);
-                        acci = _mm512_setzero_si512();
+                        acc[0] = acc[1] = acc[2] = acc[3] = _mm512_setzero_si512();
                         sv = sv_hi;
                         mv = mv_hi;
                     }
                 }
+                const __m512i acci = _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]));
                 accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf);
                 accf = _mm512_fmadd_ps(mv, _mm512_set1_ps(split ? a[3] : a[1]), accf);
             }
         }
         _mm512_mask_storeu_ps(J->y + c0, rows, accf);
     }
+    free(xs_heap);
 }
 #endif /* HQ_HAVE_AVX512 */
 
