@@ -42,6 +42,8 @@ typedef struct {
     const float *ad;   /* int modes: [m, k/32, 4] = d, d*sum(q), d*sum(q[0:16]), d*sum(q[16:32]) per block */
     const float *xs;   /* float mode: [m, k/32] sums of x per 32-element group */
     int *failed;       /* set to 1 by a kernel whose scratch allocation failed */
+    const uint8_t *q16s; /* AVX-512 GEMM / one-row kernels, int16 mode: q16 split for vpdpbusd (hq_split16_row) */
+    const int32_t *slo;  /* with q16s: [m, k/32] sums of the low bytes per group (Q8_0's offset correction) */
 } hq_job;
 
 /* Quantize one row of k floats per 32-block to int8 (q8) or int16 (q16, the other NULL): d = max|x| / L with
@@ -94,6 +96,21 @@ static void hq_quantize_row_avx512(const float *x, int64_t k, int8_t *q8, int16_
         ad[4 * b + 1] = d * (float)(sa + sb);
         ad[4 * b + 2] = d * (float)sa;
         ad[4 * b + 3] = d * (float)sb;
+    }
+}
+
+/* int16 activations for vpdpbusd (one instruction per 4 products, where vpdpwssd needs two and has half its
+ * throughput here): x = 256 hi + lo with hi = x >> 8 (int8) and lo = x & 255 (uint8); each 4 consecutive values
+ * become 8 bytes, hi0..hi3 then lo0..lo3. A dot product with uint8 weights u is then 256 (u . hi) + (lo . u), the
+ * second with u read as int8 (<= 127; Q8_0 reads its signed q and adds 128 * sum(lo), slo[g]). Integer sums: the
+ * same int32 as the int16 dot product, so the same bits downstream. */
+static void hq_split16_row(const int16_t *q16, int64_t k, uint8_t *out, int32_t *slo) {
+    const __m512i idx = _mm512_broadcast_i32x4(_mm_setr_epi8(1, 3, 5, 7, 0, 2, 4, 6, 9, 11, 13, 15, 8, 10, 12, 14));
+    for (int64_t g = 0; g < k / 32; g++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(q16 + g * 32));
+        _mm512_storeu_si512((void *)(out + g * 64), _mm512_shuffle_epi8(v, idx));
+        slo[g] = _mm512_reduce_add_epi32(_mm512_madd_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0xFF)),
+                                                           _mm512_set1_epi16(1)));
     }
 }
 #endif
@@ -644,32 +661,27 @@ HQ_ALWAYS_INLINE __m512i hq_bcast32(const void *p) { return _mm512_set1_epi32(*(
 /* y[i0 .. i0+MR) x [c0, c0 + nc) += packed groups [g0, g1) (or = when !accum). */
 HQ_ALWAYS_INLINE void hq_gemm_micro(const hq_job *J, const uint8_t *pu, const float *ps, const float *pm, int64_t i0,
                                     int64_t c0, int nc, int64_t g0, int64_t g1, int accum, const uint8_t *pf,
-                                    int64_t pf_bytes, const int MR, const int split, const int wide) {
+                                    int64_t pf_bytes, const int MR, const int split, const int wide, const int sgn) {
     const int64_t k = J->k, ng = k / 32;
     const __mmask16 mask = (__mmask16)((1u << nc) - 1u);
-    /* int16 activations: bytes (0, 1) and (2, 3) of each 4-byte lane, zero-extended to int16 pairs */
-    const __m512i sel_lo = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -128, 1, -128, 4, -128, 5, -128,
-                                                                 8, -128, 9, -128, 12, -128, 13, -128));
-    const __m512i sel_hi = _mm512_broadcast_i32x4(_mm_setr_epi8(2, -128, 3, -128, 6, -128, 7, -128,
-                                                                 10, -128, 11, -128, 14, -128, 15, -128));
     __m512 accf[HQ_MR];
-    __m512i acci[HQ_MR];
+    __m512i acci[HQ_MR], acclo[HQ_MR];
     for (int i = 0; i < MR; i++)
         accf[i] = accum ? _mm512_maskz_loadu_ps(mask, J->y + (i0 + i) * J->n + c0) : _mm512_setzero_ps();
     for (int64_t gi = g0; gi < g1; gi++) {
         const uint8_t *pg = pu + (gi - g0) * 512;
         const float *pgs = ps + (gi - g0) * 32, *pgm = pm + (gi - g0) * 32;
         if (pf) hq_prefetch_span(pf + (gi - g0) * pf_bytes, pf_bytes);
-        for (int i = 0; i < MR; i++) acci[i] = _mm512_setzero_si512();
+        for (int i = 0; i < MR; i++) acci[i] = acclo[i] = _mm512_setzero_si512();
 #pragma GCC unroll 8
         for (int qd = 0; qd < 8; qd++) {
             __m512i wv = _mm512_loadu_si512((const void *)(pg + qd * 64));
-            if (wide) {
-                __m512i w0 = _mm512_shuffle_epi8(wv, sel_lo), w1 = _mm512_shuffle_epi8(wv, sel_hi);
+            if (wide) { /* hq_split16_row: acci gets u . hi, acclo lo . u (u as int8: Q8_0's packed q + 128 back to q) */
+                const __m512i ws = sgn ? _mm512_xor_si512(wv, _mm512_set1_epi8((char)0x80)) : wv;
                 for (int i = 0; i < MR; i++) {
-                    const int16_t *xp = J->q16 + (i0 + i) * k + gi * 32 + qd * 4;
-                    acci[i] = _mm512_dpwssd_epi32(acci[i], w0, hq_bcast32(xp));
-                    acci[i] = _mm512_dpwssd_epi32(acci[i], w1, hq_bcast32(xp + 2));
+                    const uint8_t *xp = J->q16s + ((i0 + i) * k + gi * 32 + qd * 4) * 2;
+                    acci[i] = _mm512_dpbusd_epi32(acci[i], wv, hq_bcast32(xp));
+                    acclo[i] = _mm512_dpbusd_epi32(acclo[i], hq_bcast32(xp + 4), ws);
                 }
             } else {
                 for (int i = 0; i < MR; i++)
@@ -679,15 +691,20 @@ HQ_ALWAYS_INLINE void hq_gemm_micro(const hq_job *J, const uint8_t *pu, const fl
                 __m512 sv = _mm512_loadu_ps(pgs), mv = _mm512_loadu_ps(pgm);
                 for (int i = 0; i < MR; i++) {
                     const float *a = J->ad + ((i0 + i) * ng + gi) * 4;
+                    if (wide) acci[i] = _mm512_add_epi32(_mm512_slli_epi32(acci[i], 8), acclo[i]);
                     accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[i]), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf[i]);
                     accf[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a[2]), accf[i]);
-                    acci[i] = _mm512_setzero_si512();
+                    acci[i] = acclo[i] = _mm512_setzero_si512();
                 }
             }
         }
         __m512 sv = _mm512_loadu_ps(pgs + (split ? 16 : 0)), mv = _mm512_loadu_ps(pgm + (split ? 16 : 0));
         for (int i = 0; i < MR; i++) {
             const float *a = J->ad + ((i0 + i) * ng + gi) * 4;
+            if (wide) {
+                acci[i] = _mm512_add_epi32(_mm512_slli_epi32(acci[i], 8), acclo[i]);
+                if (sgn) acci[i] = _mm512_add_epi32(acci[i], _mm512_set1_epi32(128 * J->slo[(i0 + i) * ng + gi]));
+            }
             accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[i]), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf[i]);
             accf[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(split ? a[3] : a[1]), accf[i]);
         }
@@ -697,7 +714,7 @@ HQ_ALWAYS_INLINE void hq_gemm_micro(const hq_job *J, const uint8_t *pu, const fl
 
 /* Weight rows [r0, r1) in tiles of 16; K in chunks whose quantized activations (all m rows) stay in L2. */
 HQ_ALWAYS_INLINE void hq_gemm_int(const hq_job *J, int64_t r0, int64_t r1, const int type, const int wide) {
-    const int G = hq_block_elems(type) / 32, split = type == HQ_Q6_K;
+    const int G = hq_block_elems(type) / 32, split = type == HQ_Q6_K, sgn = type == HQ_Q8_0;
     const int64_t nb = J->k / (32 * G);
     int64_t max_groups = (192 * 1024) / (32 * (wide ? 2 : 1) * (J->m > 0 ? J->m : 1));
     int64_t bpc = max_groups / G < 1 ? 1 : max_groups / G; /* blocks per chunk */
@@ -725,11 +742,11 @@ HQ_ALWAYS_INLINE void hq_gemm_int(const hq_job *J, int64_t r0, int64_t r1, const
             hq_gemm_pack(J, c0, nc, b0, b1, pu, ps, pm, !whole, type);
             int64_t i0 = 0;
             for (; i0 + HQ_MR <= J->m; i0 += HQ_MR, pf = NULL)
-                hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, pf, pf_bytes, HQ_MR, split, wide);
+                hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, pf, pf_bytes, HQ_MR, split, wide, sgn);
             for (; i0 + 4 <= J->m; i0 += 4, pf = NULL)
-                hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, pf, pf_bytes, 4, split, wide);
+                hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, pf, pf_bytes, 4, split, wide, sgn);
             for (; i0 < J->m; i0++, pf = NULL)
-                hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, pf, pf_bytes, 1, split, wide);
+                hq_gemm_micro(J, pu, ps, pm, i0, c0, nc, g0, g1, accum, pf, pf_bytes, 1, split, wide, sgn);
         }
     }
     free(pu); free(ps); free(pm);
@@ -771,6 +788,12 @@ HQ_ALWAYS_INLINE void hq_load16x32(const uint8_t *p, int64_t stride, int nr, __m
  * hq_gemm_micro's with MR = 1, in the same order (the int32 dot of a group is exact whatever its order), so a row
  * gets the same bits alone as in any GEMM batch: the decode step needs no padding row for batch invariance. The
  * next tile is prefetched spread over the groups. */
+/* The int16 dot product from the split accumulators: 256 (acc[0] + acc[1]) + acc[2] + acc[3] + c. */
+HQ_ALWAYS_INLINE __m512i hq_join16(const __m512i *acc, int32_t c) {
+    return _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(acc[0], acc[1]), 8),
+                                             _mm512_add_epi32(acc[2], acc[3])), _mm512_set1_epi32(c));
+}
+
 HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const int type, const int wide) {
     const int QK = hq_block_elems(type), BS = hq_block_bytes(type), G = QK / 32, sgn = type == HQ_Q8_0;
     const int ktab = G > 1, split = type == HQ_Q6_K, nib = type == HQ_Q4_0 || type == HQ_Q4_1;
@@ -780,17 +803,6 @@ HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const
     const int64_t pf_bytes = (tile_bytes + nb * G - 1) / (nb * G); /* the tile HQ_PF_TILES on, over the groups */
     const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32((int)J->rowbytes));
-    const __m512i lo8 = _mm512_set1_epi32(0x00FF00FF);
-    /* the int16 activations with each 4 reordered 0 2 1 3 (see the dot products below); on the heap past 8192 */
-    int16_t xs_stack[wide && J->k <= 8192 ? J->k : 1], *xs_heap = NULL, *xs = xs_stack;
-    if (wide && J->k > 8192 && !(xs = xs_heap = (int16_t *)malloc(sizeof(int16_t) * J->k))) {
-        *J->failed = 1;
-        return;
-    }
-    if (wide)
-        for (int64_t e = 0; e < J->k; e += 4) {
-            xs[e] = J->q16[e]; xs[e + 1] = J->q16[e + 2]; xs[e + 2] = J->q16[e + 1]; xs[e + 3] = J->q16[e + 3];
-        }
     hq_prefetch_span(J->w + r0 * J->rowbytes,
                      ((r0 + HQ_PF_TILES * HQ_NR < r1 ? r0 + HQ_PF_TILES * HQ_NR : r1) - r0) * J->rowbytes);
     for (int64_t c0 = r0; c0 < r1; c0 += HQ_NR) {
@@ -889,25 +901,25 @@ HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const
                 } else {
                     hq_tile_group_u8(type, base, J->rowbytes, nr, g, z);
                 }
-                /* four independent integer chains (a vpdpwssd / vpdpbusd waits ~5 cycles for its accumulator), added
-                 * at the end of each half: integer sums, so the same bits as one chain */
+                /* four independent integer chains (a vpdpbusd waits ~5 cycles for its accumulator), added at the end
+                 * of each half: integer sums, so the same bits as one chain. int16 activations (hq_split16_row):
+                 * acc[0..1] get u . hi, acc[2..3] lo . u (u as int8: Q8_0's raw q) */
                 __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                                   _mm512_setzero_si512()};
 #pragma GCC unroll 8
                 for (int qd = 0; qd < 8; qd++) {
                     __m512i wv = z[qd];
                     if (sgn) wv = _mm512_maskz_xor_epi32(rows, wv, _mm512_set1_epi8((char)0x80));
-                    if (wide) { /* words (e0, e2) = the low bytes, (e1, e3) = the high bytes; xs holds x0 x2 x1 x3 */
-                        const int16_t *xp = xs + gi * 32 + qd * 4;
-                        const int c = 2 * (qd & 1);
-                        acc[c] = _mm512_dpwssd_epi32(acc[c], _mm512_and_si512(wv, lo8), hq_bcast32(xp));
-                        acc[c + 1] = _mm512_dpwssd_epi32(acc[c + 1], _mm512_srli_epi16(wv, 8), hq_bcast32(xp + 2));
+                    if (wide) {
+                        const uint8_t *xp = J->q16s + (gi * 32 + qd * 4) * 2;
+                        acc[qd & 1] = _mm512_dpbusd_epi32(acc[qd & 1], wv, hq_bcast32(xp));
+                        acc[2 + (qd & 1)] = _mm512_dpbusd_epi32(acc[2 + (qd & 1)], hq_bcast32(xp + 4), z[qd]);
                     } else {
                         acc[qd & 3] = _mm512_dpbusd_epi32(acc[qd & 3], wv, hq_bcast32(J->q + gi * 32 + qd * 4));
                     }
                     if (split && qd == 3) {
-                        const __m512i acci = _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]),
-                                                              _mm512_add_epi32(acc[2], acc[3]));
+                        const __m512i acci = wide ? hq_join16(acc, 0) : _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]),
+                                                                                      _mm512_add_epi32(acc[2], acc[3]));
                         accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf);
                         accf = _mm512_fmadd_ps(mv, _mm512_set1_ps(a[2]), accf);
                         acc[0] = acc[1] = acc[2] = acc[3] = _mm512_setzero_si512();
@@ -915,14 +927,14 @@ HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const
                         mv = mv_hi;
                     }
                 }
-                const __m512i acci = _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]));
+                const __m512i acci = wide ? hq_join16(acc, sgn ? 128 * J->slo[gi] : 0)
+                                          : _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]));
                 accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf);
                 accf = _mm512_fmadd_ps(mv, _mm512_set1_ps(split ? a[3] : a[1]), accf);
             }
         }
         _mm512_mask_storeu_ps(J->y + c0, rows, accf);
     }
-    free(xs_heap);
 }
 #endif /* HQ_HAVE_AVX512 */
 
@@ -1032,6 +1044,9 @@ static void hq_prepare_rows(const hq_job *J, int8_t *q, int16_t *q16, float *ad,
     for (int64_t i = a; i < b; i++) {
         if (J->mode == HQ_MODE_F32) hq_group_sums_row(J->x + i * k, k, xs + i * ng);
         else hq_quantize_row(J->x + i * k, k, q ? q + i * k : NULL, q16 ? q16 + i * k : NULL, ad + i * ng * 4, isa);
+#ifdef HQ_HAVE_AVX512
+        if (J->q16s) hq_split16_row(q16 + i * k, k, (uint8_t *)J->q16s + i * k * 2, (int32_t *)J->slo + i * ng);
+#endif
     }
 }
 
@@ -1077,6 +1092,13 @@ int herd_q_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int ty
             align = 16;
         }
         kern = hq_pick(isa, kind, type);
+        if (kern && (kind == HQ_K_GEMM_I16 || kind == HQ_K_GEMV_I16)) { /* they read the split form */
+            uint8_t *q16s = (uint8_t *)malloc((size_t)(m * k * 2));
+            int32_t *slo = (int32_t *)malloc(sizeof(int32_t) * (size_t)(m * ng));
+            if (!q16s || !slo) { free(q16s); free(slo); free(q16); free(ad); return HQ_ERR_NOMEM; }
+            J.q16s = q16s;
+            J.slo = slo;
+        }
     }
     const int nt = hq_threads(nthreads, m * n * k);
     /* Few activation rows: prepare them here, so that the threads meet only once (at the end); a barrier costs
@@ -1102,7 +1124,7 @@ int herd_q_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int ty
             else hq_rows_scalar(&J, a, b);
         }
     }
-    free(q); free(q16); free(ad); free(xs);
+    free(q); free(q16); free(ad); free(xs); free((void *)J.q16s); free((void *)J.slo);
     return failed ? HQ_ERR_NOMEM : 0;
 }
 
