@@ -155,6 +155,40 @@ static const float *hd_kv_rows(const hd_kv *kv, const uint8_t *base, int64_t p, 
     return kv->tmp;
 }
 
+/* Positions 0 .. n - 1 of one KV head's keys or values (`store`: kv->k or kv->v) as float32 spans, in position
+ * order: each run (a page, or the whole contiguous row) whole for an f32 cache, else HD_CHUNK positions at a time.
+ *   hd_walk w = hd_walk_start(kv, kv->k, n, hd);
+ *   while ((K = hd_walk_next(&w, &at, &m, &st))) ... positions at .. at + m - 1, position at + j at K + j * st */
+typedef struct {
+    const hd_kv *kv;
+    const uint8_t *store;
+    int64_t n, hd, chunk, p0, run, c;
+} hd_walk;
+
+static hd_walk hd_walk_start(const hd_kv *kv, const uint8_t *store, int64_t n, int64_t hd) {
+    hd_walk w = {kv, store, n, hd, kv->type == HD_KV_F32 ? kv->run : HD_CHUNK, 0, 0, 0};
+    return w;
+}
+
+static const float *hd_walk_next(hd_walk *w, int64_t *at, int64_t *m, int64_t *st) {
+    const hd_kv *kv = w->kv;
+    if (w->p0 >= w->n) return NULL;
+    int64_t len = w->n - w->p0 < kv->run ? w->n - w->p0 : kv->run; /* positions of the current run */
+    if (w->c >= len) { /* the next run */
+        w->p0 += kv->run;
+        w->run++;
+        w->c = 0;
+        if (w->p0 >= w->n) return NULL;
+        len = w->n - w->p0 < kv->run ? w->n - w->p0 : kv->run;
+    }
+    const uint8_t *base = w->store + (kv->page ? kv->page[w->run] * kv->page_vecs : 0) * kv->vec_bytes;
+    *m = len - w->c < w->chunk ? len - w->c : w->chunk;
+    *at = w->p0 + w->c;
+    const float *rows = hd_kv_rows(kv, base, w->c, *m, w->hd, st);
+    w->c += *m;
+    return rows;
+}
+
 /* Export for tests: n head vectors x (n, hd) -> their stored form (n, bytes per vector). */
 int herd_kv_encode(const float *x, int64_t n, int64_t hd, int type, uint8_t *out) {
     if (n < 0 || hd <= 0 || type < HD_KV_F32 || type > HD_KV_Q8_0 || (type == HD_KV_Q8_0 && hd % 32))
@@ -369,56 +403,42 @@ static void hd_attend_group(const float *q, int64_t R, const hd_kv *kv, int64_t 
 #else
     const int simd = 0;
 #endif
-    /* a float32 cache is read in place, whole runs; another type is decoded HD_CHUNK positions at a time */
-    const int64_t chunk = kv->type == HD_KV_F32 ? kv->run : HD_CHUNK, vb = kv->vec_bytes;
-    for (int64_t p0 = 0, i = 0; p0 < n; p0 += kv->run, i++) { /* scores, one run of positions at a time */
-        const int64_t m = n - p0 < kv->run ? n - p0 : kv->run;
-        const uint8_t *base = kv->k + (kv->page ? kv->page[i] * kv->page_vecs : 0) * vb;
-        for (int64_t c = 0; c < m; c += chunk) {
-            const int64_t mc = m - c < chunk ? m - c : chunk;
-            int64_t st;
-            const float *K = hd_kv_rows(kv, base, c, mc, hd, &st);
-            if (simd) {
+    const float *K, *V;
+    int64_t at, mc, st;
+    for (hd_walk w = hd_walk_start(kv, kv->k, n, hd); (K = hd_walk_next(&w, &at, &mc, &st));) { /* scores */
+        if (simd) {
 #ifdef __AVX512F__
-                hd_scores_avx512(q, R, K, mc, st, hd, scale, sc + p0 + c, n);
+            hd_scores_avx512(q, R, K, mc, st, hd, scale, sc + at, n);
 #endif
-                continue;
-            }
-            for (int64_t p = 0; p < mc; p++) {
-                const float *kp = K + p * st;
-                for (int64_t r = 0; r < R; r++) {
-                    const float *qr = q + r * hd;
-                    float s = 0.0f;
+            continue;
+        }
+        for (int64_t p = 0; p < mc; p++) {
+            const float *kp = K + p * st;
+            for (int64_t r = 0; r < R; r++) {
+                const float *qr = q + r * hd;
+                float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-                    for (int64_t i = 0; i < hd; i++) s += qr[i] * kp[i];
-                    sc[r * n + p0 + c + p] = s * scale;
-                }
+                for (int64_t i = 0; i < hd; i++) s += qr[i] * kp[i];
+                sc[r * n + at + p] = s * scale;
             }
         }
     }
     for (int64_t r = 0; r < R; r++) hd_softmax_row(sc + r * n, n);
     if (!simd) memset(out, 0, sizeof(float) * (size_t)(R * hd));
-    for (int64_t p0 = 0, i = 0; p0 < n; p0 += kv->run, i++) { /* weighted values, the runs in position order */
-        const int64_t m = n - p0 < kv->run ? n - p0 : kv->run;
-        const uint8_t *base = kv->v + (kv->page ? kv->page[i] * kv->page_vecs : 0) * vb;
-        for (int64_t c = 0; c < m; c += chunk) {
-            const int64_t mc = m - c < chunk ? m - c : chunk;
-            int64_t st;
-            const float *V = hd_kv_rows(kv, base, c, mc, hd, &st);
-            if (simd) {
+    for (hd_walk w = hd_walk_start(kv, kv->v, n, hd); (V = hd_walk_next(&w, &at, &mc, &st));) { /* weighted values */
+        if (simd) {
 #ifdef __AVX512F__
-                hd_weighted_sum_avx512(sc + p0 + c, n, R, V, mc, st, hd, out, p0 + c > 0);
+            hd_weighted_sum_avx512(sc + at, n, R, V, mc, st, hd, out, at > 0);
 #endif
-                continue;
-            }
-            for (int64_t p = 0; p < mc; p++) {
-                const float *vp = V + p * st;
-                for (int64_t r = 0; r < R; r++) {
-                    const float wgt = sc[r * n + p0 + c + p];
-                    float *o = out + r * hd;
+            continue;
+        }
+        for (int64_t p = 0; p < mc; p++) {
+            const float *vp = V + p * st;
+            for (int64_t r = 0; r < R; r++) {
+                const float wgt = sc[r * n + at + p];
+                float *o = out + r * hd;
 #pragma omp simd
-                    for (int64_t i = 0; i < hd; i++) o[i] += wgt * vp[i];
-                }
+                for (int64_t i = 0; i < hd; i++) o[i] += wgt * vp[i];
             }
         }
     }
@@ -438,25 +458,18 @@ static void hd_attend_tokens_avx512(const float *q, int64_t qs, int64_t R, const
     int64_t nmax = 0;
     for (int64_t t = 0; t < T; t++) nmax = pos[t] + 1 > nmax ? pos[t] + 1 : nmax;
     const int64_t ld = (nmax + 15) / 16 * 16, NR = T * R;
-    const int64_t chunk = kv->type == HD_KV_F32 ? kv->run : HD_CHUNK, vb = kv->vec_bytes;
+    const float *K, *V;
+    int64_t at, mc, st;
     /* kt[(p / 16 * hd + d) * 16 + p % 16] = K_p[d]; lanes past nmax zero */
     for (int64_t p = nmax; p < ld; p++)
         for (int64_t d = 0; d < hd; d++) kt[(p / 16 * hd + d) * 16 + p % 16] = 0.0f;
-    for (int64_t p0 = 0, i = 0; p0 < nmax; p0 += kv->run, i++) {
-        const int64_t m = nmax - p0 < kv->run ? nmax - p0 : kv->run;
-        const uint8_t *base = kv->k + (kv->page ? kv->page[i] * kv->page_vecs : 0) * vb;
-        for (int64_t c = 0; c < m; c += chunk) {
-            const int64_t mc = m - c < chunk ? m - c : chunk;
-            int64_t st;
-            const float *K = hd_kv_rows(kv, base, c, mc, hd, &st);
-            for (int64_t pp = 0; pp < mc; pp++) {
-                const int64_t P = p0 + c + pp;
-                float *dst = kt + (P / 16 * hd) * 16 + P % 16;
-                const float *src = K + pp * st;
-                for (int64_t d = 0; d < hd; d++) dst[d * 16] = src[d];
-            }
+    for (hd_walk w = hd_walk_start(kv, kv->k, nmax, hd); (K = hd_walk_next(&w, &at, &mc, &st));)
+        for (int64_t pp = 0; pp < mc; pp++) {
+            const int64_t P = at + pp;
+            float *dst = kt + (P / 16 * hd) * 16 + P % 16;
+            const float *src = K + pp * st;
+            for (int64_t d = 0; d < hd; d++) dst[d * 16] = src[d];
         }
-    }
     /* rows i = t * R + r in groups of 4 (a group past the end repeats its last row, computed and not stored) */
     for (int64_t i0 = 0; i0 < NR; i0 += 4) {
         const float *qr[4];
@@ -498,28 +511,20 @@ static void hd_attend_tokens_avx512(const float *q, int64_t qs, int64_t R, const
     }
     /* weighted values: each chunk of positions (decoded once) for every group of rows that reaches it; a row's
      * zero weights past its positions leave its sums as they are */
-    for (int64_t p0 = 0, i = 0; p0 < nmax; p0 += kv->run, i++) {
-        const int64_t m = nmax - p0 < kv->run ? nmax - p0 : kv->run;
-        const uint8_t *base = kv->v + (kv->page ? kv->page[i] * kv->page_vecs : 0) * vb;
-        for (int64_t c = 0; c < m; c += chunk) {
-            const int64_t mc = m - c < chunk ? m - c : chunk, at = p0 + c;
-            int64_t st;
-            const float *V = hd_kv_rows(kv, base, c, mc, hd, &st);
-            for (int64_t i0 = 0; i0 < NR; i0 += 4) {
-                const int nrows = (int)(NR - i0 < 4 ? NR - i0 : 4);
-                const float *w[4];
-                float *o[4];
-                int64_t nmx = 0;
-                for (int k = 0; k < 4; k++) {
-                    const int64_t ii = i0 + (k < nrows ? k : nrows - 1), t = ii / R;
-                    w[k] = sc + ii * ld + at;
-                    o[k] = out + t * qs + (ii % R) * hd;
-                    nmx = pos[t] + 1 > nmx ? pos[t] + 1 : nmx;
-                }
-                if (nmx > at) hd_wsum4_avx512(w, V, nmx - at < mc ? nmx - at : mc, st, hd, o, nrows, at > 0);
+    for (hd_walk wk = hd_walk_start(kv, kv->v, nmax, hd); (V = hd_walk_next(&wk, &at, &mc, &st));)
+        for (int64_t i0 = 0; i0 < NR; i0 += 4) {
+            const int nrows = (int)(NR - i0 < 4 ? NR - i0 : 4);
+            const float *w[4];
+            float *o[4];
+            int64_t nmx = 0;
+            for (int k = 0; k < 4; k++) {
+                const int64_t ii = i0 + (k < nrows ? k : nrows - 1), t = ii / R;
+                w[k] = sc + ii * ld + at;
+                o[k] = out + t * qs + (ii % R) * hd;
+                nmx = pos[t] + 1 > nmx ? pos[t] + 1 : nmx;
             }
+            if (nmx > at) hd_wsum4_avx512(w, V, nmx - at < mc ? nmx - at : mc, st, hd, o, nrows, at > 0);
         }
-    }
 }
 #endif
 

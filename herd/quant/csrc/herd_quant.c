@@ -6,7 +6,7 @@
  *   3. AVX2 / AVX-512 "decode" kernels, straight from the GGUF layout: a few weight rows per pass against
  *      1 or 4 activation rows (everything on AVX2; float mode and single-row int8 / int16 on AVX-512), with
  *      software prefetch of the weight stream
- *   4. AVX-512 VNNI GEMM for 2+ activation rows (int8: vpdpbusd, int16: vpdpwssd): 16 weight rows repacked
+ *   4. AVX-512 VNNI GEMM for 2+ activation rows (vpdpbusd; int16 activations split into bytes): 16 weight rows repacked
  *      to 8-bit tiles, lanes = rows; and its one-row form (a decode step), the tiles kept in registers, with the
  *      same arithmetic per output, so that a row's bits do not depend on how many rows share the call
  *   5. dequantization, the C API and threading (OpenMP, sharing the process's libgomp with torch)
@@ -481,11 +481,12 @@ HQ_ALWAYS_INLINE void hq_dec_f32_avx512(const hq_job *J, int64_t r0, int64_t r1,
  *    each) against a broadcast 4-byte slice of one activation row advances 16 dot products; per group
  *    the int32 lanes are scaled once: y += cvt(dot) * (d_row * d_x) + m_row * (d_x * sum q_x).
  *    Q8_0 is stored as u = q + 128 with m = -128 d; Q6_K keeps separate scales per 16-element half.
- *    int16 activations reuse the same tiles: vpshufb widens bytes (0, 1) and (2, 3) of each lane to int16
- *    pairs for two vpdpwssd against broadcast pairs of activations.
- *    The packing is a transpose in zmm registers (Q4_0 / Q4_1 straight from their packed nibbles). At 8 rows
- *    the micro kernel is bound by its vpdpwssd / vpdpbusd and the 4 float operations per group and row, which
- *    share the same two pipes on Zen 4; the packing adds ~25% (int16) to that. The next tile's weights are
+ *    int16 activations reuse the same tiles: each activation is split x = 256 hi + lo (hq_split16_row) and a
+ *    lane gets 256 (u . hi) + (lo . u), two vpdpbusd per 4 products (vpdpwssd, also two per 4 products, runs
+ *    at about half vpdpbusd's rate on Sapphire/Emerald Rapids), the same int32 as the int16 dot product.
+ *    The packing is a transpose in zmm registers (Q4_0 / Q4_1 straight from their packed nibbles; rows to
+ *    128-bit lanes by broadcast loads, then in-lane unpacks, to spare the shuffle port). At 8 rows the micro
+ *    kernel is bound by its vpdpbusd and the float operations per group and row. The next tile's weights are
  *    prefetched spread over the micro kernel's groups.
  * ===================================================================================================== */
 #define HQ_NR 16
