@@ -170,8 +170,8 @@ def test_every_row_count_takes_a_correct_path(m, isa, lib):
 def test_one_row_has_the_gemm_bits(name, lib):
     """AVX-512, integer activations: a row alone (the fused one-row kernel) gets the same bits as in a GEMM batch
     of any size, on 1 and 2 threads, so the engine's decode step needs no padding row for batch invariance; and
-    the decode kernel it replaced agrees within the tolerance. k = 8448: past 8192, where the one-row kernel keeps
-    its reordered int16 activations on the heap instead of the stack."""
+    the decode kernel it replaced agrees within the tolerance. Also at k = 8448: a long row, 264 groups of split
+    int16 activations."""
     if 2 not in ISAS:  # an AVX2 machine: rows alone take the decode kernels, and the engine pads (row_granule)
         assert native.best_isa() < 2
         return
