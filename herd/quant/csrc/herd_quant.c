@@ -516,10 +516,7 @@ HQ_ALWAYS_INLINE void hq_transpose16x8(__m512i *z) {
     }
 }
 
-/* Q4_0 / Q4_1, the 16 bytes of 4-bit values of 16 rows -> the 8 quads of the tile. Row r's byte j holds elements j
- * (low nibble) and j + 16 (high nibble), so dword d of the packed bytes gives quads d and d + 4: transpose the
- * 16 x 4 dwords (4 rows per zmm, one row per 128-bit lane), then split the nibbles. */
-/* The 16 bytes at p + 16 h of 16 rows (row stride `stride`) -> z[d] = their dword d, lane = row. Each row's 16 bytes
+/* The 16 bytes at p of 16 rows (row stride `stride`) -> z[d] = their dword d, lane = row. Each row's 16 bytes
  * go to one 128-bit lane by a broadcast load (masked: a load and a blend, no shuffle-port work), register j's lane l
  * holding row 4 l + j, so that a 4x4 dword transpose inside each lane (8 unpacks) leaves row r in lane r. */
 HQ_ALWAYS_INLINE void hq_rows16x16(const uint8_t *p, int64_t stride, __m512i *z) {
@@ -540,6 +537,9 @@ HQ_ALWAYS_INLINE void hq_rows16x16(const uint8_t *p, int64_t stride, __m512i *z)
     z[3] = _mm512_unpackhi_epi64(t[1], t[3]);
 }
 
+/* Q4_0 / Q4_1, the 16 bytes of 4-bit values of 16 rows -> the 8 quads of the tile. Row r's byte j holds elements j
+ * (low nibble) and j + 16 (high nibble), so dword d of the packed bytes gives quads d and d + 4: transpose the
+ * 16 x 4 dwords (4 rows per zmm, one row per 128-bit lane), then split the nibbles. */
 HQ_ALWAYS_INLINE void hq_pack_nibbles16(const uint8_t *qs, int64_t stride, int nr, __m512i *out) {
     if (nr == 16) {
         __m512i p[4];
@@ -579,6 +579,56 @@ HQ_ALWAYS_INLINE void hq_pack_nibbles16(const uint8_t *qs, int64_t stride, int n
     }
 }
 
+/* The 32 bytes at p of nr <= 16 rows -> z[d] = their dword d, lane = row; missing rows are zero. */
+HQ_ALWAYS_INLINE void hq_load16x32(const uint8_t *p, int64_t stride, int nr, __m512i *z) {
+    if (nr == 16) {
+        hq_rows16x16(p, stride, z);
+        hq_rows16x16(p + 16, stride, z + 4);
+        return;
+    }
+    for (int j = 0; j < 8; j++) {
+        __m256i u0 = j < nr ? _mm256_loadu_si256((const __m256i *)(p + j * stride)) : _mm256_setzero_si256();
+        __m256i u1 = j + 8 < nr ? _mm256_loadu_si256((const __m256i *)(p + (j + 8) * stride)) : _mm256_setzero_si256();
+        z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(u0), u1, 1);
+    }
+    hq_transpose16x8(z);
+}
+
+/* Group g of a K-quant block (Q4_K, Q5_K, Q6_K) of nr <= 16 rows at base: z[q] = elements 4q .. 4q + 3, lane = row.
+ * The raw bytes are transposed into kraw / kraw2 / khi once for the groups that share them (kept by the caller
+ * between the groups of one block, g = 0, 1, ... in order) and unpacked in registers:
+ *   Q4_K / Q5_K: groups 2j and 2j + 1 are the low and high nibbles of the same 32 bytes; Q5_K's fifth bit of
+ *   element e in group g is bit g of qh byte e;
+ *   Q6_K, g = 4 n + j: the low (j < 2) or high nibbles of ql bytes 64 n + 32 (j & 1), and bits 2 j, 2 j + 1 of qh
+ *   bytes 128 + 32 n. */
+HQ_ALWAYS_INLINE void hq_kquant_group(int type, const uint8_t *base, int64_t stride, int nr, int g, __m512i *kraw,
+                                     __m512i *kraw2, __m512i *khi, __m512i *z) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    if (type == HQ_Q6_K) {
+        const int n4 = g / 4, jj = g % 4;
+        if (jj == 0) {
+            hq_load16x32(base + 64 * n4, stride, nr, kraw);
+            hq_load16x32(base + 64 * n4 + 32, stride, nr, kraw2);
+            hq_load16x32(base + 128 + 32 * n4, stride, nr, khi);
+        }
+        for (int qd = 0; qd < 8; qd++) {
+            const __m512i ql = jj & 1 ? kraw2[qd] : kraw[qd];
+            const __m512i lo = _mm512_and_si512(jj >> 1 ? _mm512_srli_epi16(ql, 4) : ql, m4);
+            const __m512i hb = _mm512_and_si512(_mm512_srli_epi16(khi[qd], 2 * jj), _mm512_set1_epi8(3));
+            z[qd] = _mm512_or_si512(lo, _mm512_slli_epi16(hb, 4));
+        }
+        return;
+    }
+    if (!(g & 1)) hq_load16x32(base + 16 + (type == HQ_Q5_K ? 32 : 0) + 32 * (g / 2), stride, nr, kraw);
+    for (int qd = 0; qd < 8; qd++) z[qd] = _mm512_and_si512(g & 1 ? _mm512_srli_epi16(kraw[qd], 4) : kraw[qd], m4);
+    if (type == HQ_Q5_K) {
+        if (g == 0) hq_load16x32(base + 16, stride, nr, khi);
+        for (int qd = 0; qd < 8; qd++)
+            z[qd] = _mm512_or_si512(z[qd], _mm512_slli_epi16(
+                _mm512_and_si512(_mm512_srli_epi16(khi[qd], g), _mm512_set1_epi8(1)), 4));
+    }
+}
+
 /* Formats with one group per block: the fp16 d (and m) of 16 rows' blocks at base (row stride in offs), gathered at
  * once; missing rows are zero. */
 HQ_ALWAYS_INLINE void hq_tile_dm(int type, const uint8_t *base, __m512i offs, __mmask16 rows, __m512 *d, __m512 *m) {
@@ -613,6 +663,7 @@ HQ_ALWAYS_INLINE void hq_gemm_pack(const hq_job *J, int64_t r0, int nr, int64_t 
     const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32((int)J->rowbytes));
     float tab[HQ_NR][16];
+    __m512i kraw[8], kraw2[8], khi[8];
     for (int64_t b = b0; b < b1; b++) {
         const uint8_t *base = J->w + r0 * J->rowbytes + b * BS;
         if (pf_rows) /* the same blocks of the tile of rows HQ_PF_TILES on */
@@ -631,6 +682,8 @@ HQ_ALWAYS_INLINE void hq_gemm_pack(const hq_job *J, int64_t r0, int nr, int64_t 
             __m512i z[8];
             if (nib) {
                 hq_pack_nibbles16(base + (type == HQ_Q4_0 ? 2 : 4), J->rowbytes, nr, z);
+            } else if (ktab) { /* Q4_K, Q5_K, Q6_K: the raw bytes transposed once for the groups sharing them */
+                hq_kquant_group(type, base, J->rowbytes, nr, g, kraw, kraw2, khi, z);
             } else {
                 hq_tile_group_u8(type, base, J->rowbytes, nr, g, z);
             }
@@ -769,19 +822,6 @@ HQ_ALWAYS_INLINE uint64_t hq_q5_sel(int qd) {
 
 /* 32 bytes at p of each of nr <= 16 rows (row stride 'stride'), transposed: z[q] holds bytes 4q .. 4q + 3 of rows
  * 0..15 (lane = row); missing rows are zero */
-HQ_ALWAYS_INLINE void hq_load16x32(const uint8_t *p, int64_t stride, int nr, __m512i *z) {
-    if (nr == 16) {
-        hq_rows16x16(p, stride, z);
-        hq_rows16x16(p + 16, stride, z + 4);
-        return;
-    }
-    for (int j = 0; j < 8; j++) {
-        __m256i u0 = j < nr ? _mm256_loadu_si256((const __m256i *)(p + j * stride)) : _mm256_setzero_si256();
-        __m256i u1 = j + 8 < nr ? _mm256_loadu_si256((const __m256i *)(p + (j + 8) * stride)) : _mm256_setzero_si256();
-        z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(u0), u1, 1);
-    }
-    hq_transpose16x8(z);
-}
 
 /* One activation row (a decode step) with the GEMM's arithmetic, the packing fused into the dot products: each
  * tile's transposed groups stay in registers instead of going through the packed buffer, and the K-quants' scales
@@ -871,34 +911,8 @@ HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const
                             z[qd] = _mm512_mask_add_epi8(z[qd], hi, z[qd], _mm512_set1_epi8(0x10));
                         }
                     }
-                } else if (kq) { /* Q4_K / Q5_K: groups 2j and 2j + 1 are the low and high nibbles of one 32 bytes */
-                    if (!(g & 1)) hq_load16x32(base + 16 + (type == HQ_Q5_K ? 32 : 0) + 32 * (g / 2), J->rowbytes, nr,
-                                               kraw);
-                    const __m512i m4 = _mm512_set1_epi8(0x0F);
-                    for (int qd = 0; qd < 8; qd++)
-                        z[qd] = _mm512_and_si512(g & 1 ? _mm512_srli_epi16(kraw[qd], 4) : kraw[qd], m4);
-                    if (type == HQ_Q5_K) { /* bit g of qh's byte e is element e's fifth bit */
-                        if (g == 0) hq_load16x32(base + 16, J->rowbytes, nr, khi);
-                        for (int qd = 0; qd < 8; qd++)
-                            z[qd] = _mm512_or_si512(z[qd], _mm512_slli_epi16(
-                                _mm512_and_si512(_mm512_srli_epi16(khi[qd], g), _mm512_set1_epi8(1)), 4));
-                    }
-                } else if (split) { /* Q6_K, group g = 4 n + j: the ql bytes at 64 n + 32 (j & 1) (low nibbles for
-                                     * j < 2), 2 bits of the qh bytes at 128 + 32 n (bits 2 j); the raw bytes of the 16
-                                     * rows are transposed once per 4 groups and unpacked in registers */
-                    const int n4 = g / 4, jj = g % 4;
-                    if (jj == 0) {
-                        hq_load16x32(base + 64 * n4, J->rowbytes, nr, kraw);
-                        hq_load16x32(base + 64 * n4 + 32, J->rowbytes, nr, kraw2);
-                        hq_load16x32(base + 128 + 32 * n4, J->rowbytes, nr, khi);
-                    }
-                    const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(3);
-                    for (int qd = 0; qd < 8; qd++) {
-                        const __m512i ql = jj & 1 ? kraw2[qd] : kraw[qd];
-                        const __m512i lo = _mm512_and_si512(jj >> 1 ? _mm512_srli_epi16(ql, 4) : ql, m4);
-                        const __m512i hb = _mm512_and_si512(_mm512_srli_epi16(khi[qd], 2 * jj), m2);
-                        z[qd] = _mm512_or_si512(lo, _mm512_slli_epi16(hb, 4));
-                    }
+                } else if (kq || split) {
+                    hq_kquant_group(type, base, J->rowbytes, nr, g, kraw, kraw2, khi, z);
                 } else {
                     hq_tile_group_u8(type, base, J->rowbytes, nr, g, z);
                 }
