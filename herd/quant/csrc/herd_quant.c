@@ -43,7 +43,7 @@ typedef struct {
     const float *xs;   /* float mode: [m, k/32] sums of x per 32-element group */
     int *failed;       /* set to 1 by a kernel whose scratch allocation failed */
     const uint8_t *q16s; /* AVX-512 GEMM / one-row kernels, int16 mode: q16 split for vpdpbusd (hq_split16_row) */
-    const int32_t *slo;  /* with q16s: [m, k/32] sums of the low bytes per group (Q8_0's offset correction) */
+    const int32_t *slo;  /* with q16s, Q8_0 only: [m, k/32] sums of the low bytes per group (its offset term) */
 } hq_job;
 
 /* Quantize one row of k floats per 32-block to int8 (q8) or int16 (q16, the other NULL): d = max|x| / L with
@@ -109,8 +109,9 @@ static void hq_split16_row(const int16_t *q16, int64_t k, uint8_t *out, int32_t 
     for (int64_t g = 0; g < k / 32; g++) {
         const __m512i v = _mm512_loadu_si512((const void *)(q16 + g * 32));
         _mm512_storeu_si512((void *)(out + g * 64), _mm512_shuffle_epi8(v, idx));
-        slo[g] = _mm512_reduce_add_epi32(_mm512_madd_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0xFF)),
-                                                           _mm512_set1_epi16(1)));
+        if (slo)
+            slo[g] = _mm512_reduce_add_epi32(_mm512_madd_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0xFF)),
+                                                               _mm512_set1_epi16(1)));
     }
 }
 #endif
@@ -1060,7 +1061,8 @@ static void hq_prepare_rows(const hq_job *J, int8_t *q, int16_t *q16, float *ad,
         if (J->mode == HQ_MODE_F32) hq_group_sums_row(J->x + i * k, k, xs + i * ng);
         else hq_quantize_row(J->x + i * k, k, q ? q + i * k : NULL, q16 ? q16 + i * k : NULL, ad + i * ng * 4, isa);
 #ifdef HQ_HAVE_AVX512
-        if (J->q16s) hq_split16_row(q16 + i * k, k, (uint8_t *)J->q16s + i * k * 2, (int32_t *)J->slo + i * ng);
+        if (J->q16s)
+            hq_split16_row(q16 + i * k, k, (uint8_t *)J->q16s + i * k * 2, J->slo ? (int32_t *)J->slo + i * ng : NULL);
 #endif
     }
 }
@@ -1109,8 +1111,8 @@ int herd_q_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int ty
         kern = hq_pick(isa, kind, type);
         if (kern && (kind == HQ_K_GEMM_I16 || kind == HQ_K_GEMV_I16)) { /* they read the split form */
             uint8_t *q16s = (uint8_t *)malloc((size_t)(m * k * 2));
-            int32_t *slo = (int32_t *)malloc(sizeof(int32_t) * (size_t)(m * ng));
-            if (!q16s || !slo) { free(q16s); free(slo); free(q16); free(ad); return HQ_ERR_NOMEM; }
+            int32_t *slo = type == HQ_Q8_0 ? (int32_t *)malloc(sizeof(int32_t) * (size_t)(m * ng)) : NULL;
+            if (!q16s || (type == HQ_Q8_0 && !slo)) { free(q16s); free(slo); free(q16); free(ad); return HQ_ERR_NOMEM; }
             J.q16s = q16s;
             J.slo = slo;
         }
