@@ -146,7 +146,8 @@ def test_dequantize_is_exact(name, isa, request):
 @pytest.mark.parametrize("m", [1, 2, 4, 5, 6, 7, 8, 9, 12, 16, 33])
 def test_every_row_count_takes_a_correct_path(m, isa, lib):
     """Row counts around the kernels' switches: 4-row decode passes (and 4 / 2 weight rows per pass), the AVX-512
-    int8 GEMM from 2 rows on (8-row micro-tiles, 16-row weight tiles), and the decode kernels forced instead."""
+    int8 / int16 GEMM from 2 rows on (8-row micro-tiles, 16-row weight tiles), the fused few-row kernel for every
+    row count (passes of 4, 3, 2, 1 rows), and the decode kernels forced instead."""
     for name in ("Q4_1", "Q8_0", "Q6_K"):
         _, qk, _ = GGML_TYPES[name]
         n, k = 37, 2 * qk
@@ -168,8 +169,8 @@ def test_every_row_count_takes_a_correct_path(m, isa, lib):
 
 @pytest.mark.parametrize("name", TYPES)
 def test_one_row_has_the_gemm_bits(name, lib):
-    """AVX-512, integer activations: a row alone (the fused one-row kernel) gets the same bits as in a GEMM batch
-    of any size, on 1 and 2 threads, so the engine's decode step needs no padding row for batch invariance; and
+    """AVX-512, integer activations: a row alone (the fused one-row kernel), or with up to 8 others in the fused
+    few-row kernel, gets the same bits as in a GEMM batch of any size, on 1 and 2 threads, so the engine's decode step needs no padding row for batch invariance; and
     the decode kernel it replaced agrees within the tolerance. Also at k = 8448: a long row, 264 groups of split
     int16 activations."""
     if 2 not in ISAS:  # an AVX2 machine: rows alone take the decode kernels, and the engine pads (row_granule)
@@ -185,7 +186,15 @@ def _one_row_has_the_gemm_bits(name, tid, n, k, lib):
     x = torch.randn(9, k, generator=torch.Generator().manual_seed(3)) * torch.logspace(-2, 1, k)
     for act in ("int8", "int16"):
         for threads in (1, 2):
-            batch = L.quant_matmul(x, raw, tid, n, act, threads=threads, isa=2)
+            batch = L.quant_matmul(x, raw, tid, n, act, threads=threads, isa=2)  # the GEMM
+            old = lib.herd_q_set_gemm_min_rows(1000)  # the fused few-row kernel, passes of 4 + 3 + 2 rows
+            try:
+                fused = L.quant_matmul(x, raw, tid, n, act, threads=threads, isa=2)
+            finally:
+                lib.herd_q_set_gemm_min_rows(old)
+            assert torch.equal(fused, batch), (name, act, threads, k)
+            for a, b in ((0, 2), (2, 5), (5, 9)):  # 2, 3 and 4 rows: below the GEMM's switch
+                assert torch.equal(L.quant_matmul(x[a:b], raw, tid, n, act, threads=threads, isa=2), batch[a:b])
             for i in range(9):
                 alone = L.quant_matmul(x[i:i + 1], raw, tid, n, act, threads=threads, isa=2)
                 assert torch.equal(alone[0], batch[i]), (name, act, threads, i, k)

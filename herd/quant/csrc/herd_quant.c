@@ -6,9 +6,10 @@
  *   3. AVX2 / AVX-512 "decode" kernels, straight from the GGUF layout: a few weight rows per pass against
  *      1 or 4 activation rows (everything on AVX2; float mode and single-row int8 / int16 on AVX-512), with
  *      software prefetch of the weight stream
- *   4. AVX-512 VNNI GEMM for 2+ activation rows (vpdpbusd; int16 activations split into bytes): 16 weight rows repacked
- *      to 8-bit tiles, lanes = rows; and its one-row form (a decode step), the tiles kept in registers, with the
- *      same arithmetic per output, so that a row's bits do not depend on how many rows share the call
+ *   4. AVX-512 VNNI GEMM for 5+ activation rows (vpdpbusd; int16 activations split into bytes): 16 weight rows repacked
+ *      to 8-bit tiles, lanes = rows; and its few-row form (a decode step, a speculative verification), the tiles
+ *      kept in registers, with the same arithmetic per output, so that a row's bits do not depend on how many rows
+ *      share the call
  *   5. dequantization, the C API and threading (OpenMP, sharing the process's libgomp with torch)
  * Build: gcc -O3 -march=native -fopenmp -shared -fPIC herd_quant.c (see herd/quant/native.py).
  */
@@ -21,10 +22,13 @@
 #endif
 
 #define HQ_ABI_VERSION 5
-/* AVX-512 int8 / int16 paths: from this many activation rows on, use the tiled GEMM (measured crossover: 2;
- * tunable for tests and benchmarks) */
-static int hq_gemm_min_rows = 2;
-/* AVX-512 int8 / int16 paths, one activation row: 1 = hq_gemv_int (the GEMM's arithmetic, so a row's bits do not
+#ifndef HQ_GEMM_MIN_ROWS
+#define HQ_GEMM_MIN_ROWS 5
+#endif
+/* AVX-512 int8 / int16 paths: from this many activation rows on, use the tiled GEMM, below it the fused few-row
+ * kernel (measured crossover; tunable for tests and benchmarks) */
+static int hq_gemm_min_rows = HQ_GEMM_MIN_ROWS;
+/* AVX-512 int8 / int16 paths, fewer rows than that: 1 = hq_gemv_int (the GEMM's arithmetic, so a row's bits do not
  * depend on the batch), 0 = the decode kernels (kept for AVX2 builds; tests compare the two) */
 static int hq_gemv = 1;
 
@@ -824,132 +828,169 @@ HQ_ALWAYS_INLINE uint64_t hq_q5_sel(int qd) {
 /* 32 bytes at p of each of nr <= 16 rows (row stride 'stride'), transposed: z[q] holds bytes 4q .. 4q + 3 of rows
  * 0..15 (lane = row); missing rows are zero */
 
-/* One activation row (a decode step) with the GEMM's arithmetic, the packing fused into the dot products: each
- * tile's transposed groups stay in registers instead of going through the packed buffer, and the K-quants' scales
- * are computed for the 16 rows at once from a few gathered words per block. Per output the float operations are
- * hq_gemm_micro's with MR = 1, in the same order (the int32 dot of a group is exact whatever its order), so a row
- * gets the same bits alone as in any GEMM batch: the decode step needs no padding row for batch invariance. The
- * next tile is prefetched spread over the groups. */
-/* The int16 dot product from the split accumulators: 256 (acc[0] + acc[1]) + acc[2] + acc[3] + c. */
-HQ_ALWAYS_INLINE __m512i hq_join16(const __m512i *acc, int32_t c) {
-    return _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(acc[0], acc[1]), 8),
-                                             _mm512_add_epi32(acc[2], acc[3])), _mm512_set1_epi32(c));
+/* A few activation rows (a decode step, a speculative verification, a small batch) with the GEMM's arithmetic, the
+ * packing fused into the dot products: each tile's transposed groups stay in registers instead of going through the
+ * packed buffer, and the K-quants' scales are computed for the 16 rows at once from a few gathered words per block.
+ * The activation rows go through a tile MR = 4, 2 or 1 at a time, all MR sharing each group's unpacked weights (the
+ * tile's bytes stay in L1/L2 between the passes). Per output the float operations are hq_gemm_micro's with MR = 1,
+ * in the same order (the int32 dot of a group is exact whatever its order), so a row gets the same bits alone, with
+ * a few others, or in any GEMM batch: the decode step needs no padding row for batch invariance. The next tile is
+ * prefetched spread over the groups of a tile's first pass. */
+/* The int16 dot product from the split accumulators: 256 (sum of the na/2 hi chains) + (sum of the lo chains) + c. */
+HQ_ALWAYS_INLINE __m512i hq_join16(const __m512i *acc, const int na, int32_t c) {
+    const __m512i hi = na == 4 ? _mm512_add_epi32(acc[0], acc[1]) : acc[0];
+    const __m512i lo = na == 4 ? _mm512_add_epi32(acc[2], acc[3]) : acc[1];
+    return _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo), _mm512_set1_epi32(c));
+}
+HQ_ALWAYS_INLINE __m512i hq_join8(const __m512i *acc, const int na) {
+    return na == 4 ? _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]))
+                   : _mm512_add_epi32(acc[0], acc[1]);
 }
 
-HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const int type, const int wide) {
+/* Activation rows [i0, i0 + MR) against the tile of nr <= 16 weight rows from c0. */
+HQ_ALWAYS_INLINE void hq_gemv_tile(const hq_job *J, int64_t c0, int nr, int64_t i0, const int MR, int pf,
+                                   const int type, const int wide) {
     const int QK = hq_block_elems(type), BS = hq_block_bytes(type), G = QK / 32, sgn = type == HQ_Q8_0;
     const int ktab = G > 1, split = type == HQ_Q6_K, nib = type == HQ_Q4_0 || type == HQ_Q4_1;
     const int q5 = HQ_BITALG && (type == HQ_Q5_0 || type == HQ_Q5_1), kq = type == HQ_Q4_K || type == HQ_Q5_K;
+    /* integer chains per row: four alone (a vpdpbusd waits ~5 cycles for its accumulator), two when rows share
+     * the tile (MR rows give MR independent chains already); int16: half of them u . hi, half lo . u */
+    const int NA = MR == 1 ? 4 : 2;
     __m512i kraw[8], khi[8], kraw2[8];
-    const int64_t nb = J->k / QK, tile_bytes = HQ_NR * J->rowbytes, end = J->n * J->rowbytes;
+    const int64_t k = J->k, ng = k / 32, nb = k / QK, tile_bytes = HQ_NR * J->rowbytes, end = J->n * J->rowbytes;
     const int64_t pf_bytes = (tile_bytes + nb * G - 1) / (nb * G); /* the tile HQ_PF_TILES on, over the groups */
     const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32((int)J->rowbytes));
+    const __mmask16 rows = (__mmask16)((1u << nr) - 1u);
+    const uint8_t *tile = J->w + c0 * J->rowbytes;
+    const int64_t pf0 = (c0 + HQ_PF_TILES * HQ_NR) * J->rowbytes;
+    __m512 accf[4];
+    for (int i = 0; i < MR; i++) accf[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *base = tile + b * BS;
+        __m512 sv = _mm512_setzero_ps(), mv = sv, sv_hi = sv, mv_hi = sv, kd = sv, kdm = sv;
+        __m512i kw[4];
+        if (ktab) { /* the 16 rows' scale words, lane = row (hq_kblock_tab's values, computed per group below) */
+            const __m512i z0 = _mm512_setzero_si512();
+            if (type == HQ_Q6_K) {
+                for (int j = 0; j < 4; j++) kw[j] = _mm512_mask_i32gather_epi32(z0, rows, offs, base + 192 + 4 * j, 1);
+                kd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(
+                    _mm512_mask_i32gather_epi32(z0, rows, offs, base + 206, 1), 16))); /* d: bytes 208..209 */
+            } else {
+                const __m512i h = _mm512_mask_i32gather_epi32(z0, rows, offs, base, 1);
+                kd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+                kdm = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))));
+                for (int j = 0; j < 3; j++) kw[j] = _mm512_mask_i32gather_epi32(z0, rows, offs, base + 4 + 4 * j, 1);
+            }
+        } else {
+            hq_tile_dm(type, base, offs, rows, &sv, &mv);
+        }
+        for (int g = 0; g < G; g++) {
+            const int64_t gi = b * G + g;
+            if (pf && pf0 + (gi + 1) * pf_bytes <= end) hq_prefetch_span(J->w + pf0 + gi * pf_bytes, pf_bytes);
+            if (ktab && split) { /* Q6_K: int8 scales 2g, 2g + 1 times d; offsets -32 da, -32 db */
+                const __m512i w = kw[g / 2];
+                const int sh = 16 * (g & 1);
+                sv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 24 - sh), 24)), kd);
+                sv_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 16 - sh), 24)), kd);
+                mv = _mm512_mul_ps(sv, _mm512_set1_ps(-32.0f));
+                mv_hi = _mm512_mul_ps(sv_hi, _mm512_set1_ps(-32.0f));
+            } else if (ktab) { /* Q4_K / Q5_K: 6-bit scale and min of group g (hq_k_scale_min) */
+                const __m512i m6 = _mm512_set1_epi32(63), m4 = _mm512_set1_epi32(15), m2 = _mm512_set1_epi32(3);
+                __m512i sc, mn;
+                if (g < 4) {
+                    sc = _mm512_and_si512(_mm512_srli_epi32(kw[0], 8 * g), m6);
+                    mn = _mm512_and_si512(_mm512_srli_epi32(kw[1], 8 * g), m6);
+                } else {
+                    const int j = 8 * (g - 4);
+                    sc = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(kw[2], j), m4),
+                                         _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(kw[0], j + 6), m2), 4));
+                    mn = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(kw[2], j + 4), m4),
+                                         _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(kw[1], j + 6), m2), 4));
+                }
+                sv = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), kd);
+                mv = _mm512_mul_ps(_mm512_cvtepi32_ps(mn), kdm);
+            }
+            __m512i z[8];
+            if (nib || q5) {
+                hq_pack_nibbles16(base + (type == HQ_Q4_0 ? 2 : type == HQ_Q4_1 ? 4 : type == HQ_Q5_0 ? 6 : 8),
+                                  J->rowbytes, nr, z);
+                if (q5) { /* bit e of the rows' 32-bit qh is element e's fifth bit: byte j of quad qd is 4 qd + j */
+                    const __m512i qh = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, offs,
+                                                                   base + (type == HQ_Q5_0 ? 2 : 4), 1);
+                    for (int qd = 0; qd < 8; qd++) {
+                        const __mmask64 hi = _mm512_bitshuffle_epi64_mask(
+                            qh, _mm512_set1_epi64((long long)hq_q5_sel(qd)));
+                        z[qd] = _mm512_mask_add_epi8(z[qd], hi, z[qd], _mm512_set1_epi8(0x10));
+                    }
+                }
+            } else if (kq || split) {
+                hq_kquant_group(type, base, J->rowbytes, nr, g, kraw, kraw2, khi, z);
+            } else {
+                hq_tile_group_u8(type, base, J->rowbytes, nr, g, z);
+            }
+            /* integer sums, so the chains' split does not change the bits; int16 activations (hq_split16_row):
+             * the hi chains get u . hi, the lo chains lo . u (u as int8: Q8_0's raw q) */
+            __m512i acc[4][4];
+            for (int i = 0; i < MR; i++)
+                for (int c = 0; c < NA; c++) acc[i][c] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+            for (int qd = 0; qd < 8; qd++) {
+                const __m512i wv = sgn ? _mm512_maskz_xor_epi32(rows, z[qd], _mm512_set1_epi8((char)0x80)) : z[qd];
+                for (int i = 0; i < MR; i++) {
+                    if (wide) {
+                        const uint8_t *xp = J->q16s + ((i0 + i) * k + gi * 32 + qd * 4) * 2;
+                        const int c = NA == 4 ? (qd & 1) : 0;
+                        acc[i][c] = _mm512_dpbusd_epi32(acc[i][c], wv, hq_bcast32(xp));
+                        acc[i][NA / 2 + c] = _mm512_dpbusd_epi32(acc[i][NA / 2 + c], hq_bcast32(xp + 4), z[qd]);
+                    } else {
+                        const int c = qd & (NA - 1);
+                        acc[i][c] = _mm512_dpbusd_epi32(acc[i][c], wv, hq_bcast32(J->q + (i0 + i) * k + gi * 32 + qd * 4));
+                    }
+                }
+                if (split && qd == 3) {
+                    for (int i = 0; i < MR; i++) {
+                        const float *a = J->ad + ((i0 + i) * ng + gi) * 4;
+                        const __m512i acci = wide ? hq_join16(acc[i], NA, 0) : hq_join8(acc[i], NA);
+                        accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])),
+                                                  accf[i]);
+                        accf[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a[2]), accf[i]);
+                        for (int c = 0; c < NA; c++) acc[i][c] = _mm512_setzero_si512();
+                    }
+                }
+            }
+            const __m512 s2 = split ? sv_hi : sv, m2 = split ? mv_hi : mv;
+            for (int i = 0; i < MR; i++) {
+                const float *a = J->ad + ((i0 + i) * ng + gi) * 4;
+                const __m512i acci = wide ? hq_join16(acc[i], NA, sgn ? 128 * J->slo[(i0 + i) * ng + gi] : 0)
+                                          : hq_join8(acc[i], NA);
+                accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci), _mm512_mul_ps(s2, _mm512_set1_ps(a[0])), accf[i]);
+                accf[i] = _mm512_fmadd_ps(m2, _mm512_set1_ps(split ? a[3] : a[1]), accf[i]);
+            }
+        }
+    }
+    for (int i = 0; i < MR; i++) _mm512_mask_storeu_ps(J->y + (i0 + i) * J->n + c0, rows, accf[i]);
+}
+
+HQ_ALWAYS_INLINE void hq_gemv_int(const hq_job *J, int64_t r0, int64_t r1, const int type, const int wide) {
     hq_prefetch_span(J->w + r0 * J->rowbytes,
                      ((r0 + HQ_PF_TILES * HQ_NR < r1 ? r0 + HQ_PF_TILES * HQ_NR : r1) - r0) * J->rowbytes);
     for (int64_t c0 = r0; c0 < r1; c0 += HQ_NR) {
         const int nr = (int)(r1 - c0 < HQ_NR ? r1 - c0 : HQ_NR);
-        const __mmask16 rows = (__mmask16)((1u << nr) - 1u);
-        const uint8_t *tile = J->w + c0 * J->rowbytes;
-        const int64_t pf0 = (c0 + HQ_PF_TILES * HQ_NR) * J->rowbytes;
-        __m512 accf = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *base = tile + b * BS;
-            __m512 sv = _mm512_setzero_ps(), mv = sv, sv_hi = sv, mv_hi = sv, kd = sv, kdm = sv;
-            __m512i kw[4];
-            if (ktab) { /* the 16 rows' scale words, lane = row (hq_kblock_tab's values, computed per group below) */
-                const __m512i z0 = _mm512_setzero_si512();
-                if (type == HQ_Q6_K) {
-                    for (int j = 0; j < 4; j++) kw[j] = _mm512_mask_i32gather_epi32(z0, rows, offs, base + 192 + 4 * j, 1);
-                    kd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(
-                        _mm512_mask_i32gather_epi32(z0, rows, offs, base + 206, 1), 16))); /* d: bytes 208..209 */
-                } else {
-                    const __m512i h = _mm512_mask_i32gather_epi32(z0, rows, offs, base, 1);
-                    kd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
-                    kdm = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))));
-                    for (int j = 0; j < 3; j++) kw[j] = _mm512_mask_i32gather_epi32(z0, rows, offs, base + 4 + 4 * j, 1);
-                }
-            } else {
-                hq_tile_dm(type, base, offs, rows, &sv, &mv);
-            }
-            for (int g = 0; g < G; g++) {
-                const int64_t gi = b * G + g;
-                const float *a = J->ad + gi * 4;
-                if (pf0 + (gi + 1) * pf_bytes <= end) hq_prefetch_span(J->w + pf0 + gi * pf_bytes, pf_bytes);
-                if (ktab && split) { /* Q6_K: int8 scales 2g, 2g + 1 times d; offsets -32 da, -32 db */
-                    const __m512i w = kw[g / 2];
-                    const int sh = 16 * (g & 1);
-                    sv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 24 - sh), 24)), kd);
-                    sv_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 16 - sh), 24)), kd);
-                    mv = _mm512_mul_ps(sv, _mm512_set1_ps(-32.0f));
-                    mv_hi = _mm512_mul_ps(sv_hi, _mm512_set1_ps(-32.0f));
-                } else if (ktab) { /* Q4_K / Q5_K: 6-bit scale and min of group g (hq_k_scale_min) */
-                    const __m512i m6 = _mm512_set1_epi32(63), m4 = _mm512_set1_epi32(15), m2 = _mm512_set1_epi32(3);
-                    __m512i sc, mn;
-                    if (g < 4) {
-                        sc = _mm512_and_si512(_mm512_srli_epi32(kw[0], 8 * g), m6);
-                        mn = _mm512_and_si512(_mm512_srli_epi32(kw[1], 8 * g), m6);
-                    } else {
-                        const int j = 8 * (g - 4);
-                        sc = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(kw[2], j), m4),
-                                             _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(kw[0], j + 6), m2), 4));
-                        mn = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(kw[2], j + 4), m4),
-                                             _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(kw[1], j + 6), m2), 4));
-                    }
-                    sv = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), kd);
-                    mv = _mm512_mul_ps(_mm512_cvtepi32_ps(mn), kdm);
-                }
-                __m512i z[8];
-                if (nib || q5) {
-                    hq_pack_nibbles16(base + (type == HQ_Q4_0 ? 2 : type == HQ_Q4_1 ? 4 : type == HQ_Q5_0 ? 6 : 8),
-                                      J->rowbytes, nr, z);
-                    if (q5) { /* bit e of the rows' 32-bit qh is element e's fifth bit: byte j of quad qd is 4 qd + j */
-                        const __m512i qh = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, offs,
-                                                                       base + (type == HQ_Q5_0 ? 2 : 4), 1);
-                        for (int qd = 0; qd < 8; qd++) {
-                            const __mmask64 hi = _mm512_bitshuffle_epi64_mask(
-                                qh, _mm512_set1_epi64((long long)hq_q5_sel(qd)));
-                            z[qd] = _mm512_mask_add_epi8(z[qd], hi, z[qd], _mm512_set1_epi8(0x10));
-                        }
-                    }
-                } else if (kq || split) {
-                    hq_kquant_group(type, base, J->rowbytes, nr, g, kraw, kraw2, khi, z);
-                } else {
-                    hq_tile_group_u8(type, base, J->rowbytes, nr, g, z);
-                }
-                /* four independent integer chains (a vpdpbusd waits ~5 cycles for its accumulator), added at the end
-                 * of each half: integer sums, so the same bits as one chain. int16 activations (hq_split16_row):
-                 * acc[0..1] get u . hi, acc[2..3] lo . u (u as int8: Q8_0's raw q) */
-                __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                                  _mm512_setzero_si512()};
-#pragma GCC unroll 8
-                for (int qd = 0; qd < 8; qd++) {
-                    __m512i wv = z[qd];
-                    if (sgn) wv = _mm512_maskz_xor_epi32(rows, wv, _mm512_set1_epi8((char)0x80));
-                    if (wide) {
-                        const uint8_t *xp = J->q16s + (gi * 32 + qd * 4) * 2;
-                        acc[qd & 1] = _mm512_dpbusd_epi32(acc[qd & 1], wv, hq_bcast32(xp));
-                        acc[2 + (qd & 1)] = _mm512_dpbusd_epi32(acc[2 + (qd & 1)], hq_bcast32(xp + 4), z[qd]);
-                    } else {
-                        acc[qd & 3] = _mm512_dpbusd_epi32(acc[qd & 3], wv, hq_bcast32(J->q + gi * 32 + qd * 4));
-                    }
-                    if (split && qd == 3) {
-                        const __m512i acci = wide ? hq_join16(acc, 0) : _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]),
-                                                                                      _mm512_add_epi32(acc[2], acc[3]));
-                        accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf);
-                        accf = _mm512_fmadd_ps(mv, _mm512_set1_ps(a[2]), accf);
-                        acc[0] = acc[1] = acc[2] = acc[3] = _mm512_setzero_si512();
-                        sv = sv_hi;
-                        mv = mv_hi;
-                    }
-                }
-                const __m512i acci = wide ? hq_join16(acc, sgn ? 128 * J->slo[gi] : 0)
-                                          : _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]));
-                accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf);
-                accf = _mm512_fmadd_ps(mv, _mm512_set1_ps(split ? a[3] : a[1]), accf);
-            }
+        if (J->m == 1) {
+            hq_gemv_tile(J, c0, nr, 0, 1, 1, type, wide);
+            continue;
         }
-        _mm512_mask_storeu_ps(J->y + c0, rows, accf);
+        /* passes of 4 rows, the last one or two of 3 or 2 (5 = 3 + 2, 6 = 3 + 3, 7 = 4 + 3) */
+        for (int64_t i0 = 0; i0 < J->m;) {
+            const int64_t left = J->m - i0;
+            const int mr = left == 5 || left == 6 || left == 3 ? 3 : left == 2 ? 2 : left == 1 ? 1 : 4;
+            if (mr == 4) hq_gemv_tile(J, c0, nr, i0, 4, i0 == 0, type, wide);
+            else if (mr == 3) hq_gemv_tile(J, c0, nr, i0, 3, i0 == 0, type, wide);
+            else if (mr == 2) hq_gemv_tile(J, c0, nr, i0, 2, i0 == 0, type, wide);
+            else hq_gemv_tile(J, c0, nr, i0, 1, i0 == 0, type, wide);
+            i0 += mr;
+        }
     }
 }
 #endif /* HQ_HAVE_AVX512 */
@@ -1104,7 +1145,7 @@ int herd_q_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int ty
         if (isa == 2 && mode != HQ_MODE_F32 && m >= hq_gemm_min_rows) {
             kind = mode == HQ_MODE_I8 ? HQ_K_GEMM_I8 : HQ_K_GEMM_I16;
             align = 16;
-        } else if (isa == 2 && mode != HQ_MODE_F32 && m == 1 && hq_gemv) {
+        } else if (isa == 2 && mode != HQ_MODE_F32 && hq_gemv) {
             kind = mode == HQ_MODE_I8 ? HQ_K_GEMV_I8 : HQ_K_GEMV_I16;
             align = 16;
         }

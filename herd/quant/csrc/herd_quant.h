@@ -28,7 +28,7 @@
 int herd_q_abi_version(void);
 int herd_q_best_isa(void);
 int herd_q_set_gemm_min_rows(int m); /* rows from which the AVX-512 int8 path uses its GEMM; returns the old value */
-int herd_q_set_gemv(int on); /* 1: one AVX-512 int8 / int16 row runs the GEMM-arithmetic kernel, 0: the decode kernel; -1 reads; returns the old value */
+int herd_q_set_gemv(int on); /* 1: fewer AVX-512 int8 / int16 rows than the GEMM's switch run the fused kernel with the GEMM's arithmetic, 0: the decode kernels; -1 reads; returns the old value */
 int herd_q_block_elems(int type);
 int herd_q_block_bytes(int type);
 int herd_q_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int type, int64_t n, float *y, int mode,
