@@ -151,8 +151,8 @@ def test_sampled_output_is_distributed_as_the_target(method):
     p = SamplingParams(max_tokens=4, temperature=0.9, top_k=7, repetition_penalty=1.2, ignore_eos=True)
     n = 2500
     params = [SamplingParams(**{**p.__dict__, "seed": i}) for i in range(n)]
-    spec = Speculation(method.removeprefix("engine-"), 2, None if method == "ngram" else draft, ngram_max=2,
-                       adaptive=False)
+    spec = Speculation(method.removeprefix("engine-"), 2, None if method == "ngram" else draft, ngram_min=1,
+                       ngram_max=2, adaptive=False)
     if method.startswith("engine"):
         got = Engine(target, max_batch=64, ctx=32, max_queue=n, speculation=spec).generate([prompt] * n, params)
     else:
@@ -240,7 +240,7 @@ def test_served_answers_equal_and_metrics(llm):
     from herd.api import speculation
     from herd.server.app import create_app
 
-    body = {"model": "smol", "prompt": "one two three four, one two three four, one two three",
+    body = {"model": "smol", "prompt": "Copy this list: red, green, blue, yellow, purple.\nCopy: red, green, blue,",
             "max_tokens": 12, "temperature": 0}
     answers = []
     for spec in (None, speculation(llm, "ngram", None, 4)):

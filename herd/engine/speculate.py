@@ -24,10 +24,10 @@ q(d_j)), else draw from norm(max(0, p - q)) and stop; all kept: one more token f
 distribution after temperature / top-k / top-p / min-p / repetition penalty, q the drafter's (one-hot for prompt
 lookup), so every token is distributed exactly as the target's sampler draws it.
 
-Adaptive K: a sequence starts at K = 2 guesses per step, one more after each step whose guesses were all kept (up to
-the configured K). A step that keeps nothing drops it to K = 1 and stops drafting for 1, 2, 4, ... 64 steps (plain
+Adaptive K: a sequence starts at K = 2 guesses per step (prompt lookup: at the configured K), one more after each step
+whose guesses were all kept (up to the configured K). A step that keeps nothing drops it to K = 1 and stops drafting for 1, 4, 16, 64 steps (plain
 steps meanwhile; a draft model catches up on the skipped tokens in one forward when drafting resumes), so a drafter
-that never agrees costs about one 2-row verification per 64 tokens once the backoff has grown.
+that never agrees costs 5 probes in its first 100 tokens, then one 2-row verification (and one draft step) per 64.
 
 Floor: engine/ (the models it is handed, herd.ops, herd.errors; never herd.quant: the exact-rows switch comes in
 from herd.api like the decode step itself).
@@ -58,8 +58,12 @@ class Speculation:
     method: str = "ngram"
     k: int = 4
     draft_model: nn.Module | None = None
-    ngram_max: int = 3  # longest suffix looked up; shorter ones down to ngram_min are tried when it is not found
-    ngram_min: int = 1
+    # prompt lookup: the longest suffix of the sequence (up to ngram_max tokens) seen before proposes what followed
+    # it, if it is at least ngram_min tokens long: on the default model's summaries a 1-token match's next token was
+    # right 19% of the time, a 2-token match's 46%, 3 or more 64-85% (benchmarks/bench_speculate.py's summarising
+    # prompt, 200 tokens), while each guess costs about a third of a decode step to verify
+    ngram_max: int = 8
+    ngram_min: int = 3
     adaptive: bool = True
     # a context manager factory under which the target's decode step gives every row the bits a one-row call gives
     # (herd.api attaches the native kernels' switch); None: the step already does, or no such promise is kept
@@ -185,7 +189,9 @@ class SeqState:
     """One sequence's speculation state: its drafter's view and the adaptive draft length."""
 
     def __init__(self, spec: Speculation, history: list[int]):
-        self.k = min(2, spec.k)
+        # a draft model starts with 2 guesses (each one costs a draft step); prompt lookup, whose guesses cost only
+        # their verification and come from a match of ngram_min tokens or more, with all k
+        self.k = spec.k if spec.method == "ngram" else min(2, spec.k)
         self.skip = 0  # plain steps left before drafting again
         self.backoff = 0
         self.index = NgramIndex(spec.ngram_min, spec.ngram_max) if spec.method == "ngram" else None
@@ -207,8 +213,8 @@ class SeqState:
             return
         if accepted == drafted:
             self.k, self.backoff = min(spec.k, self.k + 1), 0
-        elif accepted == 0:  # nothing kept: one guess at a time, after a rest that doubles each time
-            self.backoff = min(MAX_BACKOFF, max(1, 2 * self.backoff))
+        elif accepted == 0:  # nothing kept: one guess at a time, after a rest 4 times as long each time
+            self.backoff = min(MAX_BACKOFF, max(1, 4 * self.backoff))
             self.skip, self.k = self.backoff, 1
         else:
             self.backoff = 0
