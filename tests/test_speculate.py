@@ -61,6 +61,7 @@ def test_greedy_equals_plain_decoding_batch_1(llm):
     params = SamplingParams(max_tokens=12, logprobs=0)
     for method, draft in (("ngram", None), ("draft", "prune:4")):
         spec = speculation(llm, method, draft, 4)
+        spec.gated = False  # every step drafts what the drafter finds (the gate is tested below)
         for p in _prompts(llm, 8):
             plain = generate_batch(llm.model, [p], params, stop_ids=llm.stop_ids)[0]
             got = generate_batch(llm.model, [p], params, stop_ids=llm.stop_ids, speculation=spec)[0]
@@ -85,6 +86,7 @@ def test_engine_greedy_equals_plain_engine_on_50_prompts(llm):
                                                                                                         params)]
     for method, draft in (("ngram", None), ("draft", "prune:4")):
         spec = speculation(llm, method, draft, 3)
+        spec.gated = False  # at 16 rows the gate would draft little (tested below)
         eng = Engine(llm.model, None, llm.stop_ids, max_batch=16, ctx=256, speculation=spec)
         got = [c.output_ids for c in eng.generate(prompts, params)]
         diff = [i for i in range(len(prompts)) if got[i] != plain[i]]
@@ -152,7 +154,7 @@ def test_sampled_output_is_distributed_as_the_target(method):
     n = 2500
     params = [SamplingParams(**{**p.__dict__, "seed": i}) for i in range(n)]
     spec = Speculation(method.removeprefix("engine-"), 2, None if method == "ngram" else draft, ngram_min=1,
-                       ngram_max=2, adaptive=False)
+                       ngram_max=2, adaptive=False, gated=False)
     if method.startswith("engine"):
         got = Engine(target, max_batch=64, ctx=32, max_queue=n, speculation=spec).generate([prompt] * n, params)
     else:
@@ -180,6 +182,39 @@ def test_accept_rule_on_a_known_case():
     q = torch.tensor([[0.5, 0.5, 0.0]])
     kept = [accept(logits, [1], q, p, g, []) for _ in range(100)]
     assert all(len(k) == 2 and k[0] == 1 for k in kept)
+
+
+def test_the_gate_drafts_what_pays():
+    """Speculation.gate: guess j only while P(guesses 0..j kept) beats a guess row's price in plain tokens at the
+    batch; the prior (2 kept in 3) drafts 2 guesses for one sequence and none at 8 but a sequence's first try;
+    counts that keep everything open it to all K at both; counts that keep nothing close it; gated=False: all."""
+    spec = Speculation("ngram", 4)
+    assert spec.price(1) == pytest.approx(0.35) and spec.price(8) == pytest.approx(0.35 * 8 / (1 + 0.35 * 7))
+    assert spec.gate(4, 1) == 2 and spec.gate(4, 8) == 0 and spec.gate(4, 8, explore=True) == 1
+    for _ in range(100):
+        spec.record(4, 4, 5)
+    assert spec.gate(4, 1) == 4 and spec.gate(4, 8) == 4
+    for _ in range(300):
+        spec.record(1, 0, 1)
+    assert spec.gate(4, 1) == 0 and spec.gate(3, 1, explore=True) == 1
+    assert spec.stats["reached_at"] == [400, 100, 100, 100] and spec.stats["accepted_at"] == [100] * 4
+    spec.gated = False
+    assert spec.gate(4, 8) == 4
+
+
+def test_a_never_agreeing_draft_is_dropped(llm):
+    """A one-layer pruned draft (a guess costs its step, ~a quarter of the target's, plus a verification row) that
+    the target never agrees with: after its first try the gate stops drafting; greedy output stays plain output."""
+    from herd.api import speculation
+
+    spec = speculation(llm, "draft", "prune:1", 4)
+    assert 0.1 < spec.draft_cost < 0.5, spec.draft_cost
+    p = _prompts(llm, 3)[2]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain = generate_batch(llm.model, [p], params, stop_ids=llm.stop_ids)[0]
+    got = generate_batch(llm.model, [p], params, stop_ids=llm.stop_ids, speculation=spec)[0]
+    assert got.output_ids == plain.output_ids
+    assert spec.stats["rounds"] <= 3, spec.stats
 
 
 def test_ngram_index_finds_the_latest_longest_match():

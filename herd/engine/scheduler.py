@@ -591,7 +591,7 @@ class Engine:
             st = req.spec
             if st is None:
                 continue
-            k = st.budget(self.spec, req.seq.max_new - len(req.seq.out) - 1)
+            k = st.budget(self.spec, req.seq.max_new - len(req.seq.out) - 1, len(live))
             if k:
                 self._grow(req, len(req.cached) + 1 + k)  # best effort: a short pool just means fewer guesses
                 k = min(k, len(req.pages) * self.page_size - len(req.cached) - 1)

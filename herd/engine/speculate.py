@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,6 +50,7 @@ from herd.ops.sampling import SamplingParams, apply_repetition_penalty, draw, fi
 
 METHODS = ("ngram", "draft")
 MAX_BACKOFF = 64  # plain steps between probes when a sequence's drafts keep failing
+DECAY = 0.98  # the gate's acceptance counts fade by this much a drafting step (about the last 50 count)
 
 
 @dataclass
@@ -65,6 +67,15 @@ class Speculation:
     ngram_max: int = 8
     ngram_min: int = 3
     adaptive: bool = True
+    # The price of a guess, in one-row decode steps: verifying one more row costs about row_cost (the native
+    # few-row kernel on AVX-512, default model, 2 threads: 0.3-0.4 of a step per added row up to 4 rows, ~0.26
+    # beyond), a draft model's step its share of the target's weights (set in __post_init__). gated: guess j of a
+    # step (0-based) is drafted only while P(guesses 0..j all kept), from the counters below, exceeds that price in
+    # tokens of plain decoding at the current batch: a batch of B plain rows makes B tokens for 1 + row_cost (B - 1)
+    # steps, so at one sequence a guess pays from ~0.35, at 8 from ~0.8 (batched decoding is compute-bound, a
+    # guess row costs nearly what a real one does): speculation then steps aside instead of slowing the batch.
+    row_cost: float = 0.35
+    gated: bool = True
     # a context manager factory under which the target's decode step gives every row the bits a one-row call gives
     # (herd.api attaches the native kernels' switch); None: the step already does, or no such promise is kept
     exact_rows: Callable[[], contextlib.AbstractContextManager] | None = None
@@ -82,13 +93,37 @@ class Speculation:
             raise ConfigError("speculation method 'draft' needs a draft model (--draft-model)")
         if self.method == "ngram" and self.draft_model is not None:
             raise ConfigError("a draft model was given with speculation method 'ngram'; use method 'draft'")
+        if not 0.0 <= self.row_cost <= 1.0:
+            raise ConfigError(f"row_cost is a fraction of a decode step in 0..1, got {self.row_cost!r}")
+        self.draft_cost = 0.0
         self.reset_stats()
+
+    def price(self, batch: int) -> float:
+        """What one guess row costs, in tokens of plain decoding at this many live sequences."""
+        return (self.row_cost + self.draft_cost) * batch / (1.0 + self.row_cost * (batch - 1))
+
+    def gate(self, k: int, batch: int, explore: bool = False) -> int:
+        """How many of k guesses pay at this batch (all of them when not gated): guess j while the estimated
+        P(guesses 0..j kept) stays above price(batch). Each position's rate is counted over the steps that reached
+        it (all earlier guesses kept), the counts fading by DECAY a step so that they follow the text, with a prior
+        of 2 kept in 3: drafting starts at 2 guesses for one sequence and deepens or stops as the counts come.
+        explore: a sequence's first drafting step tries one guess whatever the counts, so a gate that closed on
+        one workload reopens when another one's guesses are kept."""
+        if not self.gated:
+            return k
+        price, p = self.price(batch), 1.0
+        for j in range(k):
+            p *= (self._kept[j] + 2.0) / (self._reached[j] + 3.0)
+            if p <= price:
+                return max(j, min(k, 1) if explore else 0)
+        return k
 
     def reset_stats(self) -> None:
         """Counters: rounds (verifications with drafts), drafted / accepted tokens in all, and per draft position
-        (index j: rounds whose j-th guess was proposed / kept)."""
+        (index j: rounds whose j-th guess was proposed / kept / proposed after guesses 0..j-1 were all kept)."""
         self.stats = {"rounds": 0, "drafted": 0, "accepted": 0, "emitted": 0,
-                      "proposed_at": [0] * self.k, "accepted_at": [0] * self.k}
+                      "proposed_at": [0] * self.k, "accepted_at": [0] * self.k, "reached_at": [0] * self.k}
+        self._kept, self._reached = [0.0] * self.k, [0.0] * self.k  # the gate's fading counts
 
     def check_target(self, model) -> None:
         """Errors for a target (and draft) this speculation cannot run on."""
@@ -105,6 +140,7 @@ class Speculation:
                                   f"{cfg.vocab_size}: a draft must share the target's tokenizer")
             if d.attention_chunk_size:
                 raise ConfigError("the draft model uses chunked (ring-cache) attention; pick a plain Llama draft")
+            self.draft_cost = min(1.0, _step_bytes(self.draft_model) / max(1, _step_bytes(model)))
 
     def acceptance_rate(self) -> float:
         return self.stats["accepted"] / self.stats["drafted"] if self.stats["drafted"] else 0.0
@@ -120,6 +156,18 @@ class Speculation:
                 s["proposed_at"][j] += 1
             for j in range(accepted):
                 s["accepted_at"][j] += 1
+            for j in range(min(drafted, accepted + 1)):
+                s["reached_at"][j] += 1
+            for j in range(self.k):
+                self._kept[j] = DECAY * self._kept[j] + (j < accepted)
+                self._reached[j] = DECAY * self._reached[j] + (j < min(drafted, accepted + 1))
+
+
+def _step_bytes(model: nn.Module) -> int:
+    """Bytes a decode step reads: its blocks' and output layer's weights (the embedding table gives one row)."""
+    mods = list(model._modules["layers"]) + [model._modules["output"]] if "output" in model._modules else \
+        list(model._modules["layers"])
+    return sum(t.numel() * t.element_size() for m in mods for t in itertools.chain(m.parameters(), m.buffers()))
 
 
 # ---------------------------------------------------------------------------------------------------- drafters
@@ -193,22 +241,24 @@ class SeqState:
         # their verification and come from a match of ngram_min tokens or more, with all k
         self.k = spec.k if spec.method == "ngram" else min(2, spec.k)
         self.skip = 0  # plain steps left before drafting again
+        self.tried = False  # whether this sequence has drafted yet (its first try passes the gate: Speculation.gate)
         self.backoff = 0
         self.index = NgramIndex(spec.ngram_min, spec.ngram_max) if spec.method == "ngram" else None
         if self.index is not None:
             self.index.extend(history)
         self.fed = 0  # positions whose keys the draft model holds (draft method)
 
-    def budget(self, spec: Speculation, room: int) -> int:
-        """Draft tokens to try this step (0: a plain step)."""
+    def budget(self, spec: Speculation, room: int, batch: int = 1) -> int:
+        """Draft tokens to try this step (0: a plain step), with `batch` sequences decoding in it."""
         if self.skip > 0:
             self.skip -= 1
             return 0
-        return max(0, min(self.k if spec.adaptive else spec.k, room))
+        return spec.gate(max(0, min(self.k if spec.adaptive else spec.k, room)), batch, explore=not self.tried)
 
     def update(self, spec: Speculation, drafted: int, accepted: int, new_tokens: list[int]) -> None:
         if self.index is not None:
             self.index.extend(new_tokens)
+        self.tried |= drafted > 0
         if not drafted or not spec.adaptive:
             return
         if accepted == drafted:
@@ -362,7 +412,7 @@ def batch_decode(model, spec: Speculation, live: list, cache, row: dict, max_len
         plans = []
         for s in live:
             st = states[id(s)]
-            k = st.budget(spec, s.max_new - len(s.out) - 1)
+            k = st.budget(spec, s.max_new - len(s.out) - 1, len(live))
             drafts, qs = [], []
             if k and st.index is not None:
                 drafts = st.index.propose(k)
