@@ -599,6 +599,9 @@ HQ_ALWAYS_INLINE void hq_load16x32(const uint8_t *p, int64_t stride, int nr, __m
     hq_transpose16x8(z);
 }
 
+/* The callers of hq_kquant_group keep kraw / kraw2 / khi between the groups of a block: they are written at the
+ * block's first group (g = 0, and g = 4 n for Q6_K) before any read, which gcc cannot see through the inlining */
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 /* Group g of a K-quant block (Q4_K, Q5_K, Q6_K) of nr <= 16 rows at base: z[q] = elements 4q .. 4q + 3, lane = row.
  * The raw bytes are transposed into kraw / kraw2 / khi once for the groups that share them (kept by the caller
  * between the groups of one block, g = 0, 1, ... in order) and unpacked in registers:
