@@ -125,7 +125,8 @@ def _add_speculation(p) -> None:
     p.add_argument("--draft-model", default=None, metavar="M", help="draft checkpoint sharing the vocabulary, or "
                    "prune:N (the target's first and last layers, N in all)")
     p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens guessed per step, at most "
-                   "(adaptive: fewer while guesses fail; default 4)")
+                   "(default 4; fewer, or none, where the guesses kept so far do not pay for their verification: "
+                   "a guess row costs about a third of a step, and batched decoding leaves little to gain)")
 
 
 def _check_images(args) -> None:
