@@ -81,14 +81,28 @@ def runs(data, tmp_path_factory):
     return get
 
 
+def _machine() -> dict:
+    """What picks the float kernels' rounding (oneDNN and MKL choose their code per CPU vendor and ISA)."""
+    vendor = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("vendor_id")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    return {"cpu_vendor": vendor, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__}
+
+
+CROSS_MACHINE_TOL = 3e-5  # measured: 7.6e-6 between an Intel and an AMD AVX-512 machine over the 30 steps
+
+
 def test_single_process_matches_golden_file(runs):
+    """Within 1e-6 of the committed curve on a machine like the one that wrote it (same CPU vendor, ISA level and
+    torch: bitwise there in practice); elsewhere the float kernels round differently, within CROSS_MACHINE_TOL."""
     losses = _losses(runs("single"))
     assert len(losses) == STEPS and losses[-1] < losses[0] - 0.5  # it learns
     if os.environ.get("HERD_WRITE_GOLDEN"):
         GOLDEN.write_text(json.dumps({"settings": {**ARGS, "model_config": "debug", "data": "herd/data/sample.txt",
-                                                   "threads": 1}, "losses": losses}, indent=1))
-    golden = json.loads(GOLDEN.read_text())["losses"]
-    assert max(abs(a - b) for a, b in zip(losses, golden)) <= 1e-6, (losses, golden)
+                                                   "threads": 1}, "machine": _machine(), "losses": losses}, indent=1))
+    golden = json.loads(GOLDEN.read_text())
+    tol = 1e-6 if golden.get("machine") == _machine() else CROSS_MACHINE_TOL
+    assert max(abs(a - b) for a, b in zip(losses, golden["losses"])) <= tol, (tol, losses, golden)
 
 
 def test_ddp_and_fsdp_bitwise_equal_and_match_one_process(runs):
