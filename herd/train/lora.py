@@ -117,8 +117,8 @@ class _LoRAFunction(torch.autograd.Function):
 
 
 def fuse_lora(model: nn.Module, compute: str = "float32") -> int:
-    """Route every LoRA layer of the model through _LoRAFunction (module docstring); returns how many. Layers it
-    cannot serve (dropout, per-row scaling, a non-float32 input) keep their own forward call by call."""
+    """Route every LoRA layer of the model through _LoRAFunction (module docstring) when autograd records; returns how
+    many. Layers it cannot serve (dropout, a bias, per-row scaling, a non-float32 input) keep their own forward."""
     from herd.models.lora import lora_modules
 
     if compute not in COMPUTE:
@@ -130,7 +130,9 @@ def fuse_lora(model: nn.Module, compute: str = "float32") -> int:
             continue
 
         def forward(x, _m=m, _own=type(m).forward):
-            if (_m.row_scaling is not None or x.dtype is not torch.float32
+            # without autograd (evaluation, the answer check's decoding) the layer's own call is the fast one: a
+            # quantized base multiplies its blocks directly there (one-row kernels), with no float weight at all
+            if (not torch.is_grad_enabled() or _m.row_scaling is not None or x.dtype is not torch.float32
                     or _m.lora_A.weight.dtype is not torch.float32):
                 return _own(_m, x)
             return _LoRAFunction.apply(x, _m.lora_A.weight, _m.lora_B.weight, _m.base, _m.scaling, dtype)
