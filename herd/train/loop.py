@@ -183,7 +183,8 @@ def prepare_model(model_path, cfg: FinetuneConfig):
     """Load the base and make the chosen parameters trainable: (LLM, trainable named parameters)."""
     from herd.api import load
     from herd.models.lora import apply_lora
-    from herd.train.lora import float_activations, fuse_lora, is_gguf, quantize_base, quantized_base
+    from herd.train.lora import (float_activations, fuse_lora, fuse_swiglu, is_gguf, quantize_base,
+                                 quantized_base)
 
     # LoRA or QLoRA over a GGUF base: the file's own blocks as they are, no float copy of the base ever made; each
     # frozen layer dequantizes its blocks for the call at hand, forward and backward (herd/quant/linear.py), and the
@@ -205,6 +206,7 @@ def prepare_model(model_path, cfg: FinetuneConfig):
             quantize_base(model, cfg.quant)
         apply_lora(model, cfg.rank, cfg.alpha, cfg.targets, cfg.dropout, seed=cfg.seed)
         fuse_lora(model, compute_dtype(cfg))
+        fuse_swiglu(model)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     model.train()

@@ -8,7 +8,8 @@ backward pass, and no weight: a frozen quantized base is dequantized for the cal
 a float (out, in) copy of one layer exists at a time, never one of the model. The input gradient dx = dy W + s (dy B) A
 is one GEMM plus one accumulating GEMM (no second (N, in) tensor and sum). compute="bfloat16" runs the two base GEMMs
 (the bulk of a LoRA step) with bf16 inputs and float32 accumulation, QLoRA's compute dtype (Dettmers et al. 2023);
-the LoRA products, the loss and every gradient stay float32.
+the LoRA products, the loss and every gradient stay float32. `fuse_swiglu` does the same for the feed-forward's
+gate: silu(g) * u as one node keeping g and u, not also silu(g) (one (N, ffn) float32 tensor less per layer).
 
 Shapes: N rows (tokens), in / out the layer's features, r the rank.
 """
@@ -138,4 +139,38 @@ def fuse_lora(model: nn.Module, compute: str = "float32") -> int:
             return _LoRAFunction.apply(x, _m.lora_A.weight, _m.lora_B.weight, _m.base, _m.scaling, dtype)
 
         m.forward = forward
+    return len(mods)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """p = silu(g) * u, keeping g and u only; silu(g) and sigmoid(g) are recomputed in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return torch.nn.functional.silu(g).mul_(u)
+
+    @staticmethod
+    def backward(ctx, dp):
+        g, u = ctx.saved_tensors
+        sig = torch.sigmoid(g)
+        du = (g * sig).mul_(dp) if ctx.needs_input_grad[1] else None  # silu(g) dp
+        # d silu(g) / dg = sig (1 + g (1 - sig)), as torch's silu_backward
+        dg = (dp * u).mul_(sig).mul_((1 - sig).mul_(g).add_(1)) if ctx.needs_input_grad[0] else None
+        return dg, du
+
+
+def fuse_swiglu(model: nn.Module) -> int:
+    """Route every dense SwiGLU feed-forward's gate through _SwiGLU when autograd records (instance forward swap,
+    from outside); returns how many. MoE layers keep theirs."""
+    from herd.models.llama import FeedForward
+
+    mods = [m for m in model.modules() if type(m) is FeedForward]
+    for ff in mods:
+        def forward(x, _ff=ff):
+            if not torch.is_grad_enabled():
+                return type(_ff).forward(_ff, x)
+            return _ff.w2(_SwiGLU.apply(_ff.w1(x), _ff.w3(x)))
+
+        ff.forward = forward
     return len(mods)
