@@ -8,7 +8,10 @@ Fine-tuning: `herd finetune` (the command itself, LoRA and QLoRA) on the default
 of herd/data/sample.txt a step, every token a target), rank 16, alpha 32, the same targets (all seven projections
 of every block), AdamW, clipping at 1, the same thread count. peft gets herd's own packed rows (a .pt file), so both
 see the same tokens. transformers has no CPU QLoRA (bitsandbytes' 4-bit layers want a GPU): QLoRA is compared to the
-float peft LoRA, and said so.
+float peft LoRA, and said so. Over this GGUF both herd methods train over the file's own Q4_1 blocks (no float copy
+of the base; each layer dequantizes for the call at hand): `lora` runs the base matmuls in float32, as peft does;
+`qlora` in bfloat16 (float32 accumulation; adapter, loss and gradients float32) by default on a CPU with bf16 dot
+products, as QLoRA computes (`--compute`).
 
 Pretraining, the debug preset (2 layers, dim 64, the default model's 49,152-word vocabulary, so the output layer
 and its loss are most of the work): `herd pretrain` in one process and in 2-process DDP and FSDP2 (gloo, one thread
@@ -332,6 +335,8 @@ def main() -> None:
                         "torchtitan": "not run: torchtitan 0.3.0 falls back to device 'cuda' without an "
                                       "accelerator and calls torch.cuda.set_device (no CPU trainer)",
                         "mmapped": f"herd finetune lora with {MMAP_ENV} in its environment (glibc)",
+                        "compute": "herd lora: float32 base matmuls; herd qlora: its default (bfloat16 on a CPU "
+                                   "with AVX512-BF16 or AMX, else float32); both over the GGUF's Q4_1 blocks",
                         "peft qlora": "not run: bitsandbytes 4-bit needs a GPU; herd QLoRA is compared with "
                                       "float peft LoRA"}}
     for c in comparisons:

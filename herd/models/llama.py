@@ -70,13 +70,17 @@ class Attention(nn.Module):
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, KV, T, hd)
         q = q.transpose(1, 2)  # (B, H, T, hd)
-        if self.n_heads != self.n_kv_heads:  # GQA: KV head j serves query heads j*n_rep ... (j+1)*n_rep-1
+        m = mask[1] if self.chunk else mask[0]
+        # GQA: KV head j serves query heads j*n_rep ... (j+1)*n_rep-1. Plain causal attention (m None: a caller's
+        # hook, training rows that are one example each, no cache) reads the KV heads as they are (enable_gqa), so
+        # training keeps (B, KV, T, hd) keys and values for the backward pass, not n_rep copies; the other paths
+        # repeat them as before
+        gqa = m is None and self.n_heads != self.n_kv_heads
+        if self.n_heads != self.n_kv_heads and not gqa:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        m = mask[1] if self.chunk else mask[0]
-        # m None (a caller's hook, training rows that are one example each, no cache): plain causal, which the fused
-        # kernels compute over the lower triangle only
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=m is None)  # (B, H, T, hd)
+        # m None: plain causal, which the fused kernels compute over the lower triangle only
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=m is None, enable_gqa=gqa)  # (B,H,T,hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -18,7 +18,7 @@ def cmd_finetune(args) -> None:
         torch.set_num_threads(args.threads)
     names = ("method", "rank", "alpha", "targets", "dropout", "quant", "lr", "weight_decay", "warmup", "epochs",
              "steps", "batch_tokens", "grad_accum", "seq_len", "grad_clip", "seed", "eval_every", "save_every",
-             "over_long", "dtype", "check_samples")
+             "over_long", "dtype", "compute", "check_samples")
     opts = {k: getattr(args, k) for k in names}
     opts["activation_checkpointing"] = args.activation_checkpointing
     opts["progress"] = not args.no_progress
@@ -96,6 +96,10 @@ def register(subparsers) -> None:
     p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: at the end)")
     p.add_argument("--over-long", choices=["truncate", "drop"], default=d.over_long)
     p.add_argument("--dtype", default=d.dtype, help="base weights: float32 or bfloat16")
+    p.add_argument("--compute", default=d.compute, choices=["float32", "bfloat16"],
+                   help="LoRA/QLoRA: the frozen base's matmuls in float32 or bfloat16 (float32 accumulation; the "
+                   "adapter, loss and gradients stay float32). Default: float32 for LoRA; for QLoRA bfloat16 on a CPU "
+                   "with bf16 dot products (AVX512-BF16, AMX), as QLoRA computes")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     p.add_argument("--check-samples", type=int, default=d.check_samples, help="after training, greedy exact "

@@ -1,6 +1,7 @@
 """Fine-tuning: LoRA, QLoRA (LoRA over a frozen quantized base) or full, one plain single-device loop.
 
-What is applied to the model happens from outside it (torchtitan style): LoRA by module swap (lora.py), activation
+What is applied to the model happens from outside it (torchtitan style): LoRA by module swap (models/lora.py), run
+through one fused autograd node per layer (train/lora.py fuse_lora: a quantized base stays blocks), activation
 checkpointing by wrapping each block's forward, document masking for packed rows by pre-hooks (packed_forward). The
 loop is: next micro-batches -> loss summed over target tokens / targets in the window -> backward -> clip -> AdamW
 -> warm-up + cosine LR. What the user leaves unset (row length, micro-batch, learning rate) is chosen from the data,
@@ -56,6 +57,9 @@ class FinetuneConfig:
     activation_checkpointing: bool = False
     over_long: str = "truncate"  # or "drop"
     dtype: str = "float32"  # of the base weights; LoRA weights are float32
+    compute: str | None = None  # LoRA/QLoRA: the frozen base's GEMMs in float32 or bfloat16 (bf16 inputs, float32
+    # accumulation; the adapter, the loss and the gradients stay float32), train/lora.py fuse_lora. None: float32 for
+    # LoRA (a float base's arithmetic); for QLoRA bfloat16 where the CPU has bf16 dot products, as QLoRA computes
     progress: bool = True
     stop_at: int | None = None  # stop after this step as if interrupted (the schedule still plans the whole run)
     check_samples: int = 32  # training prompts asked at the end when there is no eval data (the eval data: all of
@@ -67,6 +71,8 @@ class FinetuneConfig:
         for name in ("rank", "epochs", "batch_tokens", "grad_accum", "seq_len", "steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.compute not in (None, "float32", "bfloat16"):
+            raise ConfigError(f"compute must be float32 or bfloat16, got {self.compute!r}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.check_samples < 0:
@@ -177,27 +183,44 @@ def prepare_model(model_path, cfg: FinetuneConfig):
     """Load the base and make the chosen parameters trainable: (LLM, trainable named parameters)."""
     from herd.api import load
     from herd.models.lora import apply_lora
-    from herd.train.lora import is_gguf, quantize_base, quantized_base
+    from herd.train.lora import (float_activations, fuse_lora, fuse_swiglu, is_gguf, quantize_base,
+                                 quantized_base)
 
-    gguf_qlora = cfg.method == "qlora" and is_gguf(model_path)
-    # QLoRA over a GGUF base: the file's own blocks as they are, no float copy of the base ever made (the tied output
-    # layer is dequantized inside the loss only, for the micro-batch at hand)
-    llm = load(model_path, cfg.dtype, keep_quantized=True) if gguf_qlora else load(model_path, cfg.dtype)
+    # LoRA or QLoRA over a GGUF base: the file's own blocks as they are, no float copy of the base ever made; each
+    # frozen layer dequantizes its blocks for the call at hand, forward and backward (herd/quant/linear.py), and the
+    # tied output layer is dequantized inside the loss only. For LoRA this is the same base: the float weights it
+    # would load are these blocks dequantized (tests/test_lora_fused.py). A float32 base only: a bf16 LoRA base is
+    # the rounded copy it asks for
+    gguf_blocks = is_gguf(model_path) and (cfg.method == "qlora" or (cfg.method == "lora" and cfg.dtype == "float32"))
+    llm = load(model_path, cfg.dtype, keep_quantized=True) if gguf_blocks else load(model_path, cfg.dtype)
     model = llm.model
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        if gguf_qlora:
+        if gguf_blocks and cfg.method == "qlora":
             quantized_base(model)
+        elif gguf_blocks:  # LoRA: a float GGUF has no blocks to keep, and that is fine
+            float_activations(model)
         elif cfg.method == "qlora":  # a float base (HF, Meta) quantized to cfg.quant
             quantize_base(model, cfg.quant)
         apply_lora(model, cfg.rank, cfg.alpha, cfg.targets, cfg.dropout, seed=cfg.seed)
+        fuse_lora(model, compute_dtype(cfg))
+        fuse_swiglu(model)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     model.train()
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}  # tied weights appear once
     return llm, named
+
+
+def compute_dtype(cfg: FinetuneConfig) -> str:
+    """The frozen base's GEMM dtype: cfg.compute, or its default (FinetuneConfig.compute)."""
+    from herd.train.lora import native_bf16
+
+    if cfg.compute is not None:
+        return cfg.compute
+    return "bfloat16" if cfg.method == "qlora" and native_bf16() else "float32"
 
 
 # -- the loop --------------------------------------------------------------------------------------------------
@@ -228,6 +251,8 @@ def finetune(model, data, out, *, eval_data=None, resume: bool = False, config: 
                                         for e in range(cfg.epochs)])
     cfg = resolved(cfg, plan)
     log(f"data: {summary.line()}")
+    if cfg.method != "full":
+        log(f"base matmuls: {compute_dtype(cfg)}" + ("" if cfg.compute else " (default for the method and CPU)"))
     for line in plan.lines():
         log(line)
     rows, total, warmup = plan.rows_per_batch, plan.total_steps, plan.warmup
@@ -338,7 +363,8 @@ def _check_same_run(saved: dict, cfg: FinetuneConfig, folder: Path) -> None:
     """A resume must continue the same run: every field that changes the math must match."""
     free = {"progress", "stop_at", "save_every", "keep_checkpoints", "eval_every", "check_samples"}
     now = dataclasses.asdict(cfg)
-    diff = sorted(k for k in now if k not in free and saved.get(k) != now[k])
+    default = dataclasses.asdict(FinetuneConfig())  # a field added since the checkpoint was written: its default
+    diff = sorted(k for k in now if k not in free and saved.get(k, default[k]) != now[k])
     if diff:
         raise ConfigError(f"{folder}: cannot resume with changed settings "
                           + ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff))

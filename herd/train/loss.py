@@ -35,20 +35,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         gh = torch.empty_like(h) if want_h else None  # (N, D)
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None  # (V, D)
+        # float32 h and W: one (C, V) buffer written by the GEMM and reused by every chunk, with the softmax and its
+        # gradient computed in place (a fresh 32 MiB block per chunk is mmapped and page-faulted anew: measured
+        # ~0.15 s per 1,024-token row on 2 cores); other dtypes take the allocating path
+        same = h.dtype is torch.float32 and weight.dtype is torch.float32
+        buf = torch.empty((min(chunk, h.shape[0]), weight.shape[0]), dtype=torch.float32, device=h.device) \
+            if same else None
         for s in range(0, h.shape[0], chunk):
             hc, yc = h[s:s + chunk], labels[s:s + chunk]  # (C, D), (C,)
-            z = (hc @ weight.t()).float()  # (C, V): the only logits that exist at a time
+            if same:
+                z = torch.mm(hc, weight.t(), out=buf[:hc.shape[0]])  # (C, V): the only logits that exist at a time
+            else:
+                z = (hc @ weight.t()).float()
             valid = yc != IGNORE
             y = torch.where(valid, yc, 0)
-            lse = torch.logsumexp(z, dim=-1)  # (C,)
-            total += ((lse - z.gather(1, y[:, None])[:, 0]) * valid).sum()
+            zy = z.gather(1, y[:, None])[:, 0]  # (C,) the targets' logits, read before z is overwritten
+            # log-sum-exp as torch.logsumexp computes it (max + log sum exp(z - max)), with exp(z - max) left in z
+            m = z.amax(dim=-1, keepdim=True)  # (C, 1)
+            z.sub_(m).exp_()
+            se = z.sum(dim=-1, keepdim=True)  # (C, 1)
+            lse = m[:, 0] + se[:, 0].log()  # (C,)
+            total += ((lse - zy) * valid).sum()
             if want_h or want_w:
                 # d loss / d z = softmax(z) - onehot(y), zero on rows without a label; computed in place in z
-                z.sub_(lse[:, None]).exp_()
+                z.div_(se)
                 z[torch.arange(len(y), device=z.device), y] -= 1.0
-                z.mul_(valid[:, None])
+                if not bool(valid.all()):
+                    z.mul_(valid[:, None])
                 if want_h:
-                    gh[s:s + chunk] = (z.to(weight.dtype) @ weight).to(h.dtype)
+                    if same:
+                        torch.mm(z, weight, out=gh[s:s + chunk])
+                    else:
+                        gh[s:s + chunk] = (z.to(weight.dtype) @ weight).to(h.dtype)
                 if want_w:
                     gw.addmm_(z.t(), hc.float())
         ctx.save_for_backward(gh, gw)
