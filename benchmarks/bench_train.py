@@ -339,12 +339,20 @@ def main() -> None:
                                    "with AVX512-BF16 or AMX, else float32); both over the GGUF's Q4_1 blocks",
                         "peft qlora": "not run: bitsandbytes 4-bit needs a GPU; herd QLoRA is compared with "
                                       "float peft LoRA"}}
+    out = Path(args.out)
+    if args.part != "all" and out.exists():  # a one-part run keeps the other part's rows from the file
+        old = json.loads(out.read_text())
+        other = "pretrain" if args.part == "finetune" else "finetune"
+        for c in old.get("comparisons", []):
+            if c["herd"].startswith(f"herd {other}"):
+                comparisons.append({"herd": c["herd"], "peer": c["peer"]})
+                for side in (c["herd"], c["peer"]):
+                    res["sides"].setdefault(side, old["sides"][side])
     for c in comparisons:
         h, p = res["sides"][c["herd"]], res["sides"][c["peer"]]
         c["speed"] = h["tokens_per_s"] / p["tokens_per_s"]
         c["rss"] = h["peak_rss_mb"] / p["peak_rss_mb"]
     res["comparisons"] = comparisons
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     md = table(res)
