@@ -137,7 +137,8 @@ def layer_activation_bytes(c, mode: str, tp: int, act: int) -> float:
     """Bytes one block keeps per token for its backward pass; act = bytes per activation element (2 bf16, 4 fp32).
 
     D dim, A = H*hd, Kd = KV*hd, F ffn width; tensors split over TP are /tp, the residual stream is replicated.
-      none:      2 norms x (fp32 input 4D + output aD) + qkv input aD + attention q, k, v (expanded), out 4aA
+      none:      2 norms x (fp32 input 4D + output aD) + qkv input aD + attention q, out 2aA and k, v 2aKd (the
+                 KV heads as they are: causal attention without a mask takes them through SDPA's enable_gqa)
                  + logsumexp 4H + w1/w3 input aD + silu in/out, w3 out, w2 input 4aF (wo's input is a view of the
                  attention output: the kernels write it (B, T, H, hd)-contiguous)
       selective: block input aD + outputs of wq aA, wv aKd, attention aA (+ logsumexp 4H), w1 aF, w2 aD
@@ -147,7 +148,7 @@ def layer_activation_bytes(c, mode: str, tp: int, act: int) -> float:
     d, h, f = c.dim, c.n_heads, c.ffn_dim
     a_, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     if mode == "none":
-        return 2 * (4 * d + act * d + 4) + 2 * act * d + 4 * act * a_ / tp + 4 * h / tp + 4 * act * f / tp
+        return 2 * (4 * d + act * d + 4) + 2 * act * d + 2 * act * (a_ + kd) / tp + 4 * h / tp + 4 * act * f / tp
     if mode == "selective":
         return 2 * act * d + act * (2 * a_ + kd + f) / tp + 4 * h / tp
     if mode == "full":
