@@ -720,6 +720,17 @@ HQ_ALWAYS_INLINE void hq_gemm_pack(const hq_job *J, int64_t r0, int nr, int64_t 
 typedef int32_t hq_i32u __attribute__((aligned(1), may_alias));
 HQ_ALWAYS_INLINE __m512i hq_bcast32(const void *p) { return _mm512_set1_epi32(*(const hq_i32u *)p); }
 
+/* The int16 dot product from the split accumulators: 256 (sum of the na/2 hi chains) + (sum of the lo chains) + c. */
+HQ_ALWAYS_INLINE __m512i hq_join16(const __m512i *acc, const int na, int32_t c) {
+    const __m512i hi = na == 4 ? _mm512_add_epi32(acc[0], acc[1]) : acc[0];
+    const __m512i lo = na == 4 ? _mm512_add_epi32(acc[2], acc[3]) : acc[1];
+    return _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo), _mm512_set1_epi32(c));
+}
+HQ_ALWAYS_INLINE __m512i hq_join8(const __m512i *acc, const int na) {
+    return na == 4 ? _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]))
+                   : _mm512_add_epi32(acc[0], acc[1]);
+}
+
 /* y[i0 .. i0+MR) x [c0, c0 + nc) += packed groups [g0, g1) (or = when !accum). */
 HQ_ALWAYS_INLINE void hq_gemm_micro(const hq_job *J, const uint8_t *pu, const float *ps, const float *pm, int64_t i0,
                                     int64_t c0, int nc, int64_t g0, int64_t g1, int accum, const uint8_t *pf,
@@ -727,47 +738,44 @@ HQ_ALWAYS_INLINE void hq_gemm_micro(const hq_job *J, const uint8_t *pu, const fl
     const int64_t k = J->k, ng = k / 32;
     const __mmask16 mask = (__mmask16)((1u << nc) - 1u);
     __m512 accf[HQ_MR];
-    __m512i acci[HQ_MR], acclo[HQ_MR];
+    __m512i acc[HQ_MR][2]; /* int16: u . hi, lo . u (hq_join16); int8: [0] only */
     for (int i = 0; i < MR; i++)
         accf[i] = accum ? _mm512_maskz_loadu_ps(mask, J->y + (i0 + i) * J->n + c0) : _mm512_setzero_ps();
     for (int64_t gi = g0; gi < g1; gi++) {
         const uint8_t *pg = pu + (gi - g0) * 512;
         const float *pgs = ps + (gi - g0) * 32, *pgm = pm + (gi - g0) * 32;
         if (pf) hq_prefetch_span(pf + (gi - g0) * pf_bytes, pf_bytes);
-        for (int i = 0; i < MR; i++) acci[i] = acclo[i] = _mm512_setzero_si512();
+        for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
 #pragma GCC unroll 8
         for (int qd = 0; qd < 8; qd++) {
             __m512i wv = _mm512_loadu_si512((const void *)(pg + qd * 64));
-            if (wide) { /* hq_split16_row: acci gets u . hi, acclo lo . u (u as int8: Q8_0's packed q + 128 back to q) */
+            if (wide) { /* hq_split16_row: acc[0] gets u . hi, acc[1] lo . u (u as int8: Q8_0's packed q + 128 back to q) */
                 const __m512i ws = sgn ? _mm512_xor_si512(wv, _mm512_set1_epi8((char)0x80)) : wv;
                 for (int i = 0; i < MR; i++) {
                     const uint8_t *xp = J->q16s + ((i0 + i) * k + gi * 32 + qd * 4) * 2;
-                    acci[i] = _mm512_dpbusd_epi32(acci[i], wv, hq_bcast32(xp));
-                    acclo[i] = _mm512_dpbusd_epi32(acclo[i], hq_bcast32(xp + 4), ws);
+                    acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], wv, hq_bcast32(xp));
+                    acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], hq_bcast32(xp + 4), ws);
                 }
             } else {
                 for (int i = 0; i < MR; i++)
-                    acci[i] = _mm512_dpbusd_epi32(acci[i], wv, hq_bcast32(J->q + (i0 + i) * k + gi * 32 + qd * 4));
+                    acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], wv, hq_bcast32(J->q + (i0 + i) * k + gi * 32 + qd * 4));
             }
             if (split && qd == 3) { /* first 16 elements of the group have their own scale */
                 __m512 sv = _mm512_loadu_ps(pgs), mv = _mm512_loadu_ps(pgm);
                 for (int i = 0; i < MR; i++) {
                     const float *a = J->ad + ((i0 + i) * ng + gi) * 4;
-                    if (wide) acci[i] = _mm512_add_epi32(_mm512_slli_epi32(acci[i], 8), acclo[i]);
-                    accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[i]), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf[i]);
+                    const __m512i acci = wide ? hq_join16(acc[i], 2, 0) : acc[i][0];
+                    accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf[i]);
                     accf[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a[2]), accf[i]);
-                    acci[i] = acclo[i] = _mm512_setzero_si512();
+                    acc[i][0] = acc[i][1] = _mm512_setzero_si512();
                 }
             }
         }
         __m512 sv = _mm512_loadu_ps(pgs + (split ? 16 : 0)), mv = _mm512_loadu_ps(pgm + (split ? 16 : 0));
         for (int i = 0; i < MR; i++) {
             const float *a = J->ad + ((i0 + i) * ng + gi) * 4;
-            if (wide) {
-                acci[i] = _mm512_add_epi32(_mm512_slli_epi32(acci[i], 8), acclo[i]);
-                if (sgn) acci[i] = _mm512_add_epi32(acci[i], _mm512_set1_epi32(128 * J->slo[(i0 + i) * ng + gi]));
-            }
-            accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[i]), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf[i]);
+            const __m512i acci = wide ? hq_join16(acc[i], 2, sgn ? 128 * J->slo[(i0 + i) * ng + gi] : 0) : acc[i][0];
+            accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci), _mm512_mul_ps(sv, _mm512_set1_ps(a[0])), accf[i]);
             accf[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(split ? a[3] : a[1]), accf[i]);
         }
     }
@@ -839,16 +847,6 @@ HQ_ALWAYS_INLINE uint64_t hq_q5_sel(int qd) {
  * in the same order (the int32 dot of a group is exact whatever its order), so a row gets the same bits alone, with
  * a few others, or in any GEMM batch: the decode step needs no padding row for batch invariance. The next tile is
  * prefetched spread over the groups of a tile's first pass. */
-/* The int16 dot product from the split accumulators: 256 (sum of the na/2 hi chains) + (sum of the lo chains) + c. */
-HQ_ALWAYS_INLINE __m512i hq_join16(const __m512i *acc, const int na, int32_t c) {
-    const __m512i hi = na == 4 ? _mm512_add_epi32(acc[0], acc[1]) : acc[0];
-    const __m512i lo = na == 4 ? _mm512_add_epi32(acc[2], acc[3]) : acc[1];
-    return _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo), _mm512_set1_epi32(c));
-}
-HQ_ALWAYS_INLINE __m512i hq_join8(const __m512i *acc, const int na) {
-    return na == 4 ? _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]))
-                   : _mm512_add_epi32(acc[0], acc[1]);
-}
 
 /* Activation rows [i0, i0 + MR) against the tile of nr <= 16 weight rows from c0. */
 HQ_ALWAYS_INLINE void hq_gemv_tile(const hq_job *J, int64_t c0, int nr, int64_t i0, const int MR, int pf,
