@@ -165,8 +165,9 @@ class Speculation:
 
 def _step_bytes(model: nn.Module) -> int:
     """Bytes a decode step reads: its blocks' and output layer's weights (the embedding table gives one row)."""
-    mods = list(model._modules["layers"]) + [model._modules["output"]] if "output" in model._modules else \
-        list(model._modules["layers"])
+    mods = list(model._modules["layers"])
+    if "output" in model._modules:
+        mods.append(model._modules["output"])
     return sum(t.numel() * t.element_size() for m in mods for t in itertools.chain(m.parameters(), m.buffers()))
 
 
